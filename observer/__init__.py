@@ -1,0 +1,7 @@
+"""Messaging telemetry observer: record what a test phone sends, find periodic bulk uploads."""
+
+__version__ = "0.1.0"
+
+
+class ObserverError(Exception):
+    """An error with a message meant for people; the CLI prints it on one line and exits non-zero."""

@@ -1,0 +1,20 @@
+"""Records: the schema and its Parquet (analysis) and JSONL (live) stores."""
+
+from observer.records.jsonl import JsonlRead, JsonlWriter, read_jsonl
+from observer.records.parquet import partitions, read_records, read_table, write_table
+from observer.records.schema import SCHEMA_VERSION, TABLES, TIME_COLUMN, conform, empty
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "TABLES",
+    "TIME_COLUMN",
+    "JsonlRead",
+    "JsonlWriter",
+    "conform",
+    "empty",
+    "partitions",
+    "read_jsonl",
+    "read_records",
+    "read_table",
+    "write_table",
+]
