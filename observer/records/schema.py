@@ -140,5 +140,5 @@ def conform(table: str, df: pd.DataFrame) -> pd.DataFrame:
         if name in df.columns:
             out[name] = df[name].astype(dtype)
         else:
-            out[name] = pd.Series(pd.NA, index=df.index, dtype=dtype)
+            out[name] = pd.Series(None, index=df.index, dtype=dtype)
     return out.reset_index(drop=True)
