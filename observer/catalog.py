@@ -78,7 +78,8 @@ class Catalog:
                     network = ipaddress.ip_network(str(net), strict=False)
                 except ValueError:
                     raise ObserverError(f"{where}: {net!r} is not an address block") from None
-                self._networks.append((network, Endpoint(entry["service"], org, category, str(network))))
+                endpoint = Endpoint(entry["service"], org, category, str(network))
+                self._networks.append((network, endpoint))
 
     def match_name(self, name: str | None) -> Endpoint | None:
         """The endpoint of a DNS name, by longest suffix on label boundaries."""

@@ -32,7 +32,7 @@ class Device:
 class Thresholds:
     """Analysis thresholds; docs/analysis.md explains each."""
 
-    upload_floor_bytes: int = 1_000_000  # a bulk upload moves at least this much upstream
+    upload_floor_bytes: int = 500_000  # a bulk upload moves at least this much upstream
     baseline_factor: float = 10.0  # ... and at least this many times the device's typical bin
     upload_ratio: float = 3.0  # ... and upstream at least this many times downstream
     merge_gap_s: float = 120.0  # runs closer than this merge into one event
@@ -183,7 +183,9 @@ def load_config(path: str | Path) -> LabConfig:
             raise check.fail(f"{key}.macs", "must be a list of MAC addresses")
         for j, mac in enumerate(macs):
             if not isinstance(mac, str) or not MAC.match(mac.lower()):
-                raise check.fail(f"{key}.macs.{j}", f"{mac!r} is not a MAC address (aa:bb:cc:dd:ee:ff)")
+                raise check.fail(
+                    f"{key}.macs.{j}", f"{mac!r} is not a MAC address (aa:bb:cc:dd:ee:ff)"
+                )
         if not ips and not macs:
             raise check.fail(key, f"device {name!r} needs at least one IP or MAC address")
         devices.append(

@@ -38,7 +38,9 @@ def test_names_match_by_suffix(catalog, name, service, organization, category):
     assert (hit.service, hit.organization, hit.category) == (service, organization, category)
 
 
-@pytest.mark.parametrize("name", ["evilwhatsapp.net", "whatsapp.net.evil.com", "example.org", "", None])
+@pytest.mark.parametrize(
+    "name", ["evilwhatsapp.net", "whatsapp.net.evil.com", "example.org", "", None]
+)
 def test_no_match_across_label_boundaries(catalog, name):
     assert catalog.match_name(name) is None
 

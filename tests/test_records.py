@@ -36,7 +36,9 @@ def connections(n: int = 4) -> pd.DataFrame:
                 "client_port": [40000 + i for i in range(n)],
                 "server_ip": "157.240.1.53",
                 "server_port": 443,
-                "ts_start": [1_700_000_000.5, 1_700_090_000.25, 1_700_000_100.0, 1_700_000_200.0][:n],
+                "ts_start": [1_700_000_000.5, 1_700_090_000.25, 1_700_000_100.0, 1_700_000_200.0][
+                    :n
+                ],
                 "ts_end": [1_700_000_010.5, 1_700_090_100.0, 1_700_000_200.0, 1_700_000_300.0][:n],
                 "bytes_up": [10, 0, 5_000_000_000, 7][:n],
                 "bytes_down": [20, 30, 40, None][:n],
@@ -50,7 +52,8 @@ def connections(n: int = 4) -> pd.DataFrame:
 def test_parquet_round_trip_partitions_by_device_and_day(tmp_path):
     df = connections()
     assert write_table(tmp_path, "connections", df) == 4
-    parts = [p.relative_to(tmp_path / "connections").as_posix() for p in partitions(tmp_path, "connections")]
+    table_dir = tmp_path / "connections"
+    parts = [p.relative_to(table_dir).as_posix() for p in partitions(tmp_path, "connections")]
     assert parts == [
         "device=phone/day=2023-11-14",
         "device=phone/day=2023-11-15",

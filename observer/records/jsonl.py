@@ -49,6 +49,7 @@ class JsonlWriter:
         self._file = None
         self._day = ""
         self._dirty = False
+        self.error: OSError | None = None
         self._closed = threading.Event()
         self._flusher = threading.Thread(target=self._flush_loop, name="jsonl-flush", daemon=True)
         self._flusher.start()
@@ -88,15 +89,22 @@ class JsonlWriter:
                 self._dirty = False
 
     def _flush_loop(self) -> None:
+        # A full disk must not kill the flusher with a traceback: keep the error in `error` for
+        # the owner to report, and keep trying (space may come back).
         while not self._closed.wait(self.flush_s):
-            self.flush()
+            try:
+                self.flush()
+            except OSError as exc:
+                self.error = exc
 
     def close(self) -> None:
         self._closed.set()
         with self._lock:
             if self._file is not None:
-                self._file.close()
-                self._file = None
+                try:
+                    self._file.close()
+                finally:
+                    self._file = None
 
 
 @dataclass

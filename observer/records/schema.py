@@ -134,7 +134,8 @@ def conform(table: str, df: pd.DataFrame) -> pd.DataFrame:
         raise ObserverError(f"unknown record table {table!r}; known: {', '.join(TABLES)}")
     extra = [c for c in df.columns if c not in columns]
     if extra:
-        raise ObserverError(f"table {table}: columns not in the schema: {', '.join(map(str, extra))}")
+        unknown = ", ".join(map(str, extra))
+        raise ObserverError(f"table {table}: columns not in the schema: {unknown}")
     out = pd.DataFrame(index=df.index)
     for name, dtype in columns.items():
         if name in df.columns:

@@ -1,0 +1,108 @@
+"""What the proxy knows about a connection or an exchange, turned into schema rows.
+
+Plain Python: the addon fills these from mitmproxy's hook data, and the flow-file importer fills
+them from saved flows, so live and replayed records are built by the same code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from observer.sources.proxy.traffic import Traffic
+
+# Which name sources win over which: a TLS SNI names the server better than an HTTP Host header.
+NAME_RANK = {"none": 0, "dns": 1, "http": 2, "quic": 3, "sni": 3}
+
+
+def redact_query(path: str, keep: bool = False) -> str:
+    """``/p?a=1&b`` -> ``/p?a=*&*``: parameter names stay, values (often ids or tokens) go."""
+    if keep or "?" not in path:
+        return path
+    base, query = path.split("?", 1)
+    parts = []
+    for item in query.split("&"):
+        name, sep, _ = item.partition("=")
+        parts.append(f"{name}=*" if sep else "*")
+    return f"{base}?{'&'.join(parts)}"
+
+
+def header_bytes(first_line: str, headers: list[tuple[bytes, bytes]]) -> int:
+    """Size of a header block written as HTTP/1 (``name: value\\r\\n`` lines plus the blank line).
+
+    HTTP/2 and HTTP/3 compress headers on the wire, so this is a version-independent measure of
+    how much header data an exchange carried, not its exact wire size there.
+    """
+    return len(first_line) + 2 + sum(len(k) + len(v) + 4 for k, v in headers) + 2
+
+
+@dataclass(slots=True)
+class ConnRecord:
+    """The facts gathered about one client connection while it is open."""
+
+    conn_id: str
+    device: str
+    proto: str
+    client_ip: str | None
+    client_port: int | None
+    proxy_mode: str
+    ts_start: float | None
+    traffic: Traffic
+    server_ip: str | None = None
+    server_port: int | None = None
+    ts_tcp_setup: float | None = None
+    ts_tls_setup: float | None = None
+    ts_end: float | None = None
+    server_name: str | None = None
+    name_source: str = "none"
+    alpn: str | None = None
+    tls: str = "none"
+    tls_error: str | None = None
+    close_reason: str | None = None
+    client_hello_seen: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def name(self, name: str | None, source: str) -> None:
+        """Adopt ``name`` unless a better-ranked source already named the server."""
+        if name and NAME_RANK[source] > NAME_RANK[self.name_source]:
+            self.server_name = name
+            self.name_source = source
+
+    def row(self) -> dict[str, Any]:
+        """The connections record (partial while the connection is open)."""
+        t = self.traffic
+        udp = self.proto in ("udp", "quic")
+        return {
+            "conn_id": self.conn_id,
+            "source": "proxy",
+            "device": self.device,
+            "proto": self.proto,
+            "client_ip": self.client_ip,
+            "client_port": self.client_port,
+            "server_ip": self.server_ip,
+            "server_port": self.server_port,
+            "ts_start": self.ts_start,
+            "ts_end": self.ts_end,
+            "bytes_up": t.bytes_up,
+            "bytes_down": t.bytes_down,
+            "packets_up": t.packets_up if udp else None,
+            "packets_down": t.packets_down if udp else None,
+            "server_name": self.server_name,
+            "name_source": self.name_source,
+            "alpn": self.alpn,
+            "tls": self.tls,
+            "tls_error": self.tls_error,
+            "close_reason": self.close_reason or "open",
+            "proxy_mode": self.proxy_mode,
+            "ts_tcp_setup": self.ts_tcp_setup,
+            "ts_tls_setup": self.ts_tls_setup,
+        }
+
+
+def close_reason(closed_by: str | None, error: str | None, idle: bool) -> str:
+    """Who ended a connection: client | server | error | idle."""
+    if closed_by:
+        return closed_by
+    if error:
+        return "error"
+    return "idle" if idle else "error"

@@ -1,0 +1,169 @@
+"""Periodicity statistics on hand-made event lists: p-values must tell schedules from chance."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import numpy as np
+import pytest
+from test_analysis_synth import TZ, local
+
+from observer.analysis.periodicity import (
+    DAY,
+    Coverage,
+    LocalClock,
+    PeriodicityTest,
+    holm,
+    interval_regularity,
+)
+
+START = dt.date(2026, 3, 2)
+T0 = local(START, 0)
+
+
+def nightly(days: int, *, hour: float = 2.0, jitter_min: float = 0.0, skip: tuple[int, ...] = (),
+            seed: int = 0, start: dt.date = START) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    shift = rng.uniform(-1, 1, days) * jitter_min * 60
+    return np.array([local(start + dt.timedelta(days=d), hour) + shift[d]
+                     for d in range(days) if d not in skip])
+
+
+def make_test(days: int = 7, start: dt.date = START, intervals=None) -> PeriodicityTest:
+    t0, t1 = local(start, 0), local(start + dt.timedelta(days=days), 0)
+    return PeriodicityTest(Coverage(intervals or ((t0, t1),)), TZ, n_sim=400, seed=1)
+
+
+def clock_hhmm(seconds: float) -> tuple[int, int]:
+    s = round(seconds) % 86400
+    return s // 3600, s % 3600 // 60
+
+
+def test_exact_daily_schedule_is_found_with_its_local_phase():
+    res = make_test().test(nightly(7, hour=2.0))
+    assert res.period_s == DAY
+    assert clock_hhmm(res.phase_s) == (2, 0)
+    assert res.jitter_s < 60
+    assert (res.occurrences, res.expected) == (7, 7)
+    assert res.p_value_raw < 1e-4
+
+
+def test_jitter_of_an_hour_still_found_with_phase_error_under_30_min():
+    res = make_test(10).test(nightly(10, hour=2.0, jitter_min=60, seed=3))
+    assert res.period_s == DAY
+    assert abs(res.phase_s - 2 * 3600) < 1800
+    assert 300 < res.jitter_s < 3600
+    assert res.p_value_raw < 1e-3
+
+
+def test_missed_nights_lower_occurrences_not_the_period():
+    res = make_test(10).test(nightly(10, skip=(1, 4, 7), jitter_min=10))
+    assert res.period_s == DAY
+    assert (res.occurrences, res.expected) == (7, 10)
+    assert res.p_value_raw < 1e-3
+
+
+def test_three_occurrences_are_significant_only_when_tight():
+    tight = make_test(3).test(nightly(3, jitter_min=2))
+    assert tight.period_s == DAY and tight.p_value_raw < 0.05
+    loose = make_test(3).test(nightly(3, jitter_min=240, seed=5))
+    assert loose.p_value_raw > tight.p_value_raw
+
+
+@pytest.mark.parametrize("events", [np.array([]), np.array([T0 + 3600.0])])
+def test_no_or_single_event_has_no_period(events):
+    res = make_test().test(events)
+    assert res.period_s is None
+    assert res.p_value_raw == 1.0
+
+
+def test_all_events_at_once_are_not_periodic():
+    burst = T0 + 2 * DAY + np.arange(7) * 45.0
+    res = make_test().test(burst)
+    assert res.p_value_raw > 0.05
+    assert res.occurrences <= 1
+
+
+def test_uniform_random_events_are_not_significant_on_average():
+    rng = np.random.default_rng(11)
+    t = make_test()
+    ps = [t.test(rng.uniform(T0, T0 + 7 * DAY, 7)).p_value_raw for _ in range(40)]
+    # A calibrated p-value is about uniform under the null: few below 0.05, none tiny.
+    assert sum(p < 0.05 for p in ps) <= 6
+    assert min(ps) > 1e-3
+
+
+def test_six_hour_period_is_found():
+    rng = np.random.default_rng(2)
+    events = T0 + 3600 + np.arange(20) * 6 * 3600.0 + rng.normal(0, 300, 20)
+    res = make_test(6).test(events)
+    assert abs(res.period_s - 6 * 3600) < 120
+    assert res.p_value_raw < 1e-6
+
+
+def test_odd_period_found_by_the_free_search():
+    rng = np.random.default_rng(4)
+    events = T0 + 1000 + np.arange(12) * 31 * 3600.0 + rng.normal(0, 120, 12)
+    res = make_test(16).test(events)
+    assert res.family == "free"
+    assert abs(res.period_s - 31 * 3600) < 300
+    assert res.p_value_raw < 1e-3
+
+
+@pytest.mark.parametrize(
+    ("start", "hour"),
+    [(dt.date(2026, 3, 25), 4.0),  # Europe/Berlin moves to summer time on 2026-03-29
+     (dt.date(2026, 10, 21), 2.5)],  # ... and back on 2026-10-25 (02:30 happens twice)
+)
+def test_phase_stays_on_the_local_clock_across_dst(start, hour):
+    events = nightly(10, hour=hour, start=start)
+    utc_hours = {round((t % DAY) / 3600, 2) for t in events}
+    assert len(utc_hours) == 2  # in UTC the job moved by an hour
+    res = make_test(10, start=start).test(events)
+    assert res.period_s == DAY
+    assert clock_hhmm(res.phase_s) == (int(hour), round(hour % 1 * 60))
+    assert res.jitter_s < 60
+
+
+def test_uncovered_nights_are_not_misses():
+    t0 = local(START, 0)
+    # Capture only on days 0-2 and 5-9; the job ran every night but we saw only covered ones.
+    cover = ((t0, t0 + 3 * DAY), (t0 + 5 * DAY, t0 + 10 * DAY))
+    events = nightly(10, skip=(3, 4))
+    res = make_test(intervals=cover).test(events)
+    assert res.period_s == DAY
+    assert (res.occurrences, res.expected) == (8, 8)
+
+
+def test_a_cycle_with_an_event_counts_as_expected_even_outside_inferred_coverage():
+    t0 = local(START, 0)
+    # Coverage inferred from sparse records that leaves out the 01:30-02:30 slot every night.
+    cover = tuple((t0 + d * DAY + 2.5 * 3600, t0 + (d + 1) * DAY + 1.5 * 3600) for d in range(7))
+    res = make_test(intervals=cover).test(nightly(7))
+    assert res.period_s == DAY
+    assert res.occurrences == 7 and res.expected == 7
+
+
+def test_local_clock_round_trip_with_dst():
+    t0 = local(dt.date(2026, 3, 27), 0)
+    clock = LocalClock(TZ, t0, t0 + 5 * DAY)
+    utc = t0 + np.arange(0, 5 * DAY, 3600.0)
+    assert np.array_equal(clock.utc(clock.wall(utc)), utc)
+    assert clock.wall(np.array([t0]))[0] - t0 == 3600  # CET
+    assert clock.wall(np.array([t0 + 4 * DAY]))[0] - (t0 + 4 * DAY) == 7200  # CEST
+
+
+def test_heartbeat_intervals_are_regular_and_random_ones_are_not():
+    rng = np.random.default_rng(9)
+    cover = Coverage(((T0, T0 + DAY),))
+    beats = T0 + np.cumsum(270 + rng.normal(0, 5, 300))
+    median, fraction, _, p = interval_regularity(beats, cover)
+    assert abs(median - 270) < 5 and fraction > 0.9 and p <= 1e-12
+    noise = np.sort(rng.uniform(T0, T0 + DAY, 300))
+    _, fraction, _, p = interval_regularity(noise, cover)
+    assert fraction < 0.25 and p > 1e-3
+
+
+def test_holm_is_monotone_and_bounded():
+    assert holm([0.01, 0.04, 0.03, 0.5]) == pytest.approx([0.04, 0.09, 0.09, 0.5])
+    assert holm([]) == []

@@ -1,0 +1,492 @@
+"""Pcap replay on small capture files written here with scapy (or by hand where scapy cannot write
+the damage we need): formats, link types, connection tracking, names and bad input."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+from pathlib import Path
+
+import pytest
+from scapy.layers.dns import DNS, DNSQR, DNSRR
+from scapy.layers.inet import IP, TCP, UDP, fragment
+from scapy.layers.inet6 import (
+    IPv6,
+    IPv6ExtHdrDestOpt,
+    IPv6ExtHdrFragment,
+    IPv6ExtHdrHopByHop,
+    IPv6ExtHdrRouting,
+)
+from scapy.layers.l2 import CookedLinux, CookedLinuxV2, Dot1AD, Dot1Q, Ether, Loopback
+from scapy.packet import Raw
+from scapy.utils import PcapWriter
+
+from observer.cli import main
+from observer.config import Device, LabConfig
+from observer.records import read_table
+from observer.sources import ReplayStats, replay, replay_tables
+
+CLIENT, SERVER = "10.0.0.2", "93.184.216.34"
+T0 = 1_700_000_000.0
+
+
+def tcp_conv(c=CLIENT, s=SERVER, cport=40000, sport=443, t0=T0, up=(100, 200), down=(1000,),
+             close="fin", ip=IP, isn=0) -> list:
+    """A whole TCP connection: handshake, data each way, then FIN or RST."""
+    out = []
+    t = [t0]
+
+    def add(p):
+        p.time = t[0]
+        t[0] += 0.01
+        out.append(p)
+
+    cl = lambda **kw: ip(src=c, dst=s) / TCP(sport=cport, dport=sport, seq=isn, **kw)  # noqa: E731
+    sv = lambda **kw: ip(src=s, dst=c) / TCP(sport=sport, dport=cport, **kw)  # noqa: E731
+    add(cl(flags="S"))
+    add(sv(flags="SA"))
+    add(cl(flags="A"))
+    for n in up:
+        add(cl(flags="PA") / Raw(b"u" * n))
+    for n in down:
+        add(sv(flags="PA") / Raw(b"d" * n))
+    if close == "fin":
+        add(cl(flags="FA"))
+        add(sv(flags="FA"))
+        add(cl(flags="A"))
+    elif close == "rst":
+        add(sv(flags="R"))
+    return out
+
+
+def framed(wrap, packets) -> list:
+    """Packets put in a link-layer frame, keeping their timestamps."""
+    out = []
+    for p in packets:
+        frame = wrap(p)
+        frame.time = p.time
+        out.append(frame)
+    return out
+
+
+def write(path: Path, packets, linktype=None, **kw) -> Path:
+    with PcapWriter(str(path), linktype=linktype, sync=True, **kw) as w:
+        for p in packets:
+            w.write(p)
+    return path
+
+
+def only(conns, **where):
+    rows = conns
+    for k, v in where.items():
+        rows = rows[rows[k] == v]
+    assert len(rows) == 1, rows
+    return rows.iloc[0]
+
+
+def check_default_conv(conns) -> None:
+    row = only(conns, proto="tcp")
+    assert (row.client_ip, row.client_port, row.server_ip, row.server_port) == (
+        CLIENT, 40000, SERVER, 443)
+    assert (row.packets_up, row.packets_down) == (6, 3)
+    assert (row.bytes_up, row.bytes_down) == (300, 1000)
+    assert row.wire_bytes_up == 6 * 40 + 300 and row.wire_bytes_down == 3 * 40 + 1000
+    assert row.close_reason == "fin" and row.device == CLIENT and row.tls == "none"
+    assert row.ts_start == pytest.approx(T0) and row.ts_end == pytest.approx(T0 + 0.08)
+
+
+# -- link types and file formats ------------------------------------------------------------------
+LINKS = {
+    "ethernet": (1, lambda p: Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / p),
+    "802.1q": (1, lambda p: Ether() / Dot1Q(vlan=7) / p),
+    "qinq": (1, lambda p: Ether() / Dot1AD(vlan=3) / Dot1Q(vlan=7) / p),
+    "sll": (113, lambda p: CookedLinux(pkttype=0, lladdrtype=1, lladdrlen=6) / p),
+    "sll2": (276, lambda p: CookedLinuxV2(pkttype=0, lladdrtype=1, lladdrlen=6) / p),
+    "raw-12": (12, lambda p: p),
+    "raw-101": (101, lambda p: p),
+    "null": (0, lambda p: Loopback() / p),
+}
+
+
+@pytest.mark.parametrize("link", list(LINKS))
+def test_link_types(tmp_path, link):
+    linktype, wrap = LINKS[link]
+    path = write(tmp_path / f"{link}.pcap", framed(wrap, tcp_conv()), linktype=linktype)
+    stats = ReplayStats()
+    conns = replay_tables([path], stats=stats)["connections"]
+    check_default_conv(conns)
+    assert stats.packets == 9 and not stats.errors and not stats.skipped
+
+
+@pytest.mark.parametrize("nano", [False, True])
+@pytest.mark.parametrize("endianness", ["<", ">"])
+def test_pcap_resolution_and_byte_order(tmp_path, nano, endianness):
+    packets = framed(lambda p: Ether() / p, tcp_conv())
+    for p in packets:
+        p.time = p.time + 0.123456789  # the sub-microsecond part survives only in nano
+    path = write(tmp_path / "t.pcap", packets, nano=nano, endianness=endianness)
+    head = path.read_bytes()[:4]
+    assert head == {("<", False): b"\xd4\xc3\xb2\xa1", (">", False): b"\xa1\xb2\xc3\xd4",
+                    ("<", True): b"\x4d\x3c\xb2\xa1", (">", True): b"\xa1\xb2\x3c\x4d"}[
+        (endianness, nano)]
+    row = only(replay_tables([path])["connections"], proto="tcp")
+    want = T0 + 0.123456789 if nano else T0 + 0.123457  # scapy rounds to microseconds
+    assert row.ts_start == pytest.approx(want, abs=2e-7)
+    assert (row.packets_up, row.bytes_down) == (6, 1000)
+
+
+def pcapng(path: Path, interfaces, packets, order="<") -> Path:
+    """pcapng by hand: interfaces are (linktype, if_tsresol byte or None); packets are
+    (interface, timestamp in that interface's units, frame bytes)."""
+
+    def block(kind, body):
+        body += b"\0" * (-len(body) % 4)
+        size = 12 + len(body)
+        return struct.pack(order + "II", kind, size) + body + struct.pack(order + "I", size)
+
+    out = block(0x0A0D0D0A, struct.pack(order + "IHHq", 0x1A2B3C4D, 1, 0, -1))
+    for linktype, resol in interfaces:
+        opts = b""
+        if resol is not None:
+            opts = struct.pack(order + "HH", 9, 1) + bytes([resol, 0, 0, 0])
+        out += block(1, struct.pack(order + "HHI", linktype, 0, 65535) + opts
+                     + (struct.pack(order + "HH", 0, 0) if opts else b""))
+    for iface, stamp, data in packets:
+        if iface is None:  # a Simple Packet Block: no interface, no time
+            out += block(3, struct.pack(order + "I", len(data)) + data)
+            continue
+        out += block(6, struct.pack(order + "IIIII", iface, stamp >> 32, stamp & 0xFFFFFFFF,
+                                    len(data), len(data)) + data)
+    path.write_bytes(out)
+    return path
+
+
+@pytest.mark.parametrize("order", ["<", ">"])
+def test_pcapng_interfaces_with_own_link_type_and_resolution(tmp_path, order):
+    """Up packets on an Ethernet interface in microseconds, down on raw IP in nanoseconds."""
+    records = []
+    for p in tcp_conv():
+        if p[IP].src == CLIENT:
+            records.append((0, round(p.time * 1e6), bytes(Ether() / p)))
+        else:
+            records.append((1, round(p.time * 1e9), bytes(p)))
+    path = pcapng(tmp_path / "multi.pcapng", [(1, None), (101, 9)], records, order)
+    check_default_conv(replay_tables([path])["connections"])
+
+
+def test_pcapng_simple_packet_blocks_take_the_time_before_them(tmp_path):
+    conv = tcp_conv()
+    records = [(0, round(p.time * 1e6), bytes(p)) for p in conv[:3]]
+    records += [(None, 0, bytes(p)) for p in conv[3:]]
+    path = pcapng(tmp_path / "spb.pcapng", [(101, None)], records)
+    row = only(replay_tables([path])["connections"], proto="tcp")
+    assert (row.packets_up, row.bytes_up, row.bytes_down) == (6, 300, 1000)
+    assert row.ts_end == pytest.approx(conv[2].time)
+
+
+def test_gzip_is_read_by_content_not_name(tmp_path):
+    plain = write(tmp_path / "a.pcap", framed(lambda p: Ether() / p, tcp_conv()))
+    packed = tmp_path / "capture.bin"
+    packed.write_bytes(gzip.compress(plain.read_bytes()))
+    check_default_conv(replay_tables([packed])["connections"])
+
+
+def test_ipv6_extension_headers(tmp_path):
+    def ip6(src, dst):
+        return (IPv6(src=src, dst=dst) / IPv6ExtHdrHopByHop() / IPv6ExtHdrDestOpt()
+                / IPv6ExtHdrRouting())
+
+    packets = tcp_conv(c="2001:db8::2", s="2001:db8::1", ip=ip6)
+    conns = replay_tables([write(tmp_path / "v6.pcap", packets, linktype=101)])["connections"]
+    row = only(conns, proto="tcp")
+    assert (row.client_ip, row.server_ip, row.server_port) == ("2001:db8::2", "2001:db8::1", 443)
+    assert (row.packets_up, row.bytes_up, row.bytes_down) == (6, 300, 1000)
+    assert row.wire_bytes_up == 6 * (40 + 8 + 8 + 8 + 20) + 300
+
+
+def test_ip_fragments_are_counted_into_their_flow(tmp_path):
+    datagram = IP(src=CLIENT, dst=SERVER, id=77) / UDP(sport=5000, dport=4433) / Raw(b"x" * 3000)
+    frags = fragment(datagram, fragsize=1000)
+    v6 = IPv6(src="2001:db8::2", dst="2001:db8::1") / IPv6ExtHdrFragment(id=9) / UDP(
+        sport=6000, dport=4433) / Raw(b"y" * 2500)
+    from scapy.layers.inet6 import fragment6
+
+    frags6 = fragment6(v6, 1280)
+    answer = IP(src=SERVER, dst=CLIENT) / UDP(sport=4433, dport=5000) / Raw(b"z" * 10)
+    packets = [*frags, *frags6, answer]
+    for i, p in enumerate(packets):
+        p.time = T0 + i
+    stats = ReplayStats()
+    conns = replay_tables([write(tmp_path / "frag.pcap", packets, linktype=101)],
+                          stats=stats)["connections"]
+    v4 = only(conns, client_port=5000)
+    assert len(frags) == 4 and (v4.packets_up, v4.bytes_up) == (4, 3000)
+    assert (v4.packets_down, v4.bytes_down) == (1, 10)
+    six = only(conns, client_port=6000)
+    assert len(frags6) > 1 and (six.packets_up, six.bytes_up) == (len(frags6), 2500)
+    assert not stats.skipped
+
+
+def test_reused_five_tuple_after_fin_is_a_new_connection(tmp_path):
+    first = tcp_conv(close="fin")
+    second = tcp_conv(t0=T0 + 60, up=(5,), down=(7,), close="rst")
+    retransmit = second[0].copy()
+    retransmit.time = second[0].time + 0.001
+    packets = [*first, second[0], retransmit, *second[1:]]
+    conns = replay_tables([write(tmp_path / "reuse.pcap", packets, linktype=101)])["connections"]
+    conns = conns.sort_values("ts_start")
+    assert len(conns) == 2 and conns["conn_id"].is_unique
+    assert list(conns["close_reason"]) == ["fin", "rst"]
+    assert list(conns["bytes_up"]) == [300, 5] and list(conns["packets_up"]) == [6, 4]
+
+
+def test_udp_idle_timeout_splits_a_flow(tmp_path):
+    packets = []
+    for i, t in enumerate([0, 10, 20, 200, 205]):
+        p = IP(src=CLIENT, dst=SERVER) / UDP(sport=5353, dport=9999) / Raw(b"q" * (i + 1))
+        p.time = T0 + t
+        packets.append(p)
+    path = write(tmp_path / "udp.pcap", packets, linktype=101)
+    conns = replay_tables([path], udp_idle_s=120)["connections"].sort_values("ts_start")
+    assert list(conns["packets_up"]) == [3, 2] and list(conns["bytes_up"]) == [6, 9]
+    assert list(conns["close_reason"]) == ["idle", "end-of-capture"]
+    assert len(replay_tables([path], udp_idle_s=500)["connections"]) == 1
+
+
+def test_connection_spanning_two_files_stays_one(tmp_path):
+    packets = tcp_conv(up=(100, 200, 300), down=(1000, 50))
+    a = write(tmp_path / "rot-0.pcap", packets[:5], linktype=101)
+    b = write(tmp_path / "rot-1.pcap", packets[5:], linktype=101)
+    tables = replay_tables([a, b])
+    row = only(tables["connections"], proto="tcp")
+    assert (row.packets_up, row.bytes_up, row.bytes_down) == (7, 600, 1050)
+    sessions = tables["sessions"].sort_values("ts_start")
+    assert list(sessions["interface"]) == ["rot-0.pcap", "rot-1.pcap"]
+    assert list(sessions["packets_captured"]) == [5, len(packets) - 5]
+    assert sessions["ts_start"].iloc[1] == pytest.approx(packets[5].time)
+
+
+def test_activity_bins_and_config_device(tmp_path):
+    """The device named in the config is the client even when the server spoke first."""
+    packets = []
+    for t, src, n in [(0, SERVER, 10), (3, CLIENT, 1000), (12, CLIENT, 500), (25, SERVER, 7)]:
+        dst = CLIENT if src == SERVER else SERVER
+        sp, dp = (5222, 41000) if src == SERVER else (41000, 5222)
+        p = IP(src=src, dst=dst) / TCP(sport=sp, dport=dp, flags="PA") / Raw(b"a" * n)
+        p.time = T0 + t
+        packets.append(p)
+    config = LabConfig(bin_seconds=10.0, devices=(Device("phone", (CLIENT,)),))
+    path = write(tmp_path / "bins.pcap", packets, linktype=101)
+    tables = replay_tables([path], config=config)
+    row = only(tables["connections"], proto="tcp")
+    assert (row.device, row.client_ip, row.bytes_up, row.bytes_down) == (
+        "phone", CLIENT, 1500, 17)
+    act = tables["activity"].sort_values("ts_bin")
+    assert list(act["ts_bin"] - T0) == [0, 10, 20]
+    assert list(act["bytes_up"]) == [1000, 500, 0] and list(act["bytes_down"]) == [10, 0, 7]
+    assert set(act["conn_id"]) == {row.conn_id} and set(act["device"]) == {"phone"}
+    without = only(replay_tables([path])["connections"], proto="tcp")
+    assert without.client_ip == SERVER  # no config: the first sender is the client
+
+
+# -- names -----------------------------------------------------------------------------------------
+def client_hello(name: str) -> bytes:
+    from scapy.layers.tls.all import (
+        TLS,
+        ProtocolName,
+        ServerName,
+        TLS_Ext_ALPN,
+        TLS_Ext_ServerName,
+        TLSClientHello,
+    )
+
+    hello = TLSClientHello(ext=[TLS_Ext_ServerName(servernames=[ServerName(servername=name)]),
+                                TLS_Ext_ALPN(protocols=[ProtocolName(protocol=b"h2")])])
+    return bytes(TLS(msg=[hello]))
+
+
+def test_names_from_sni_split_hello_http_and_dns(tmp_path):
+    hello = client_hello("chat.example.net")
+    split = client_hello("backup.example.com")
+    dns = IP(src="10.0.0.1", dst=CLIENT) / UDP(sport=53, dport=3333) / DNS(
+        id=1, qr=1, qd=DNSQR(qname="media.example.org"),
+        an=[DNSRR(rrname="media.example.org", type="CNAME", rdata="edge.cdn.example"),
+            DNSRR(rrname="edge.cdn.example", type="A", rdata="203.0.113.9", ttl=30)])
+    dns.time = T0 - 1
+    packets = [dns]
+    packets += tcp_conv(cport=40001, up=(), down=(10,))
+    packets += tcp_conv(cport=40002, up=(), down=(10,), t0=T0 + 1)
+    packets += tcp_conv(cport=40003, sport=80, up=(), down=(10,), t0=T0 + 2)
+    packets += tcp_conv(cport=40004, s="203.0.113.9", up=(20,), down=(10,), t0=T0 + 3)
+    by_port = {}
+    for p in packets:
+        if TCP in p and p[TCP].flags == "A" and p[IP].src == CLIENT and p[TCP].ack == 0:
+            by_port.setdefault(p[TCP].sport, p)
+    payloads = {40001: [hello], 40002: [split[:40], split[40:]],
+                40003: [b"GET /x?secret=1 HTTP/1.1\r\nHost: plain.example:8080\r\n\r\n"]}
+    out = []
+    for p in packets:
+        out.append(p)
+        if p is by_port.get(p[TCP].sport if TCP in p else None):
+            for i, data in enumerate(payloads.get(p[TCP].sport, [])):
+                q = IP(src=CLIENT, dst=SERVER) / TCP(sport=p[TCP].sport, dport=p[TCP].dport,
+                                                     flags="PA") / Raw(data)
+                q.time = p.time + 0.001 * (i + 1)
+                out.append(q)
+    tables = replay_tables([write(tmp_path / "names.pcap", out, linktype=101)])
+    conns = tables["connections"].set_index("client_port")
+    assert conns.loc[40001, ["server_name", "name_source", "alpn", "tls"]].tolist() == [
+        "chat.example.net", "sni", "h2", "unknown"]
+    assert conns.loc[40002, ["server_name", "name_source"]].tolist() == [
+        "backup.example.com", "sni"]
+    assert conns.loc[40003, ["server_name", "name_source", "tls"]].tolist() == [
+        "plain.example", "http", "none"]
+    assert conns.loc[40004, ["server_name", "name_source"]].tolist() == [
+        "media.example.org", "dns"]
+    dns_rows = tables["dns"].sort_values("answer_type")
+    assert dns_rows[["answer_type", "answer"]].values.tolist() == [
+        ["A", "203.0.113.9"], ["CNAME", "edge.cdn.example"]]
+    assert set(dns_rows["query"]) == {"media.example.org"} and set(dns_rows["client_ip"]) == {
+        CLIENT}
+
+
+def test_pcapdroid_trailer_gives_the_app(tmp_path):
+    """PCAPdroid: zero MACs, padding to 4 bytes, magic, uid, app name, CRC; not payload."""
+    frames = []
+    for p in tcp_conv(up=(101,), down=(30,)):
+        frame = bytes(Ether(src="00:00:00:00:00:00", dst="00:00:00:00:00:00") / p)
+        frame += b"\0" * (-len(frame) % 4)
+        frame += struct.pack(">Ii", 0x01072021, 10123) + b"org.example.chat".ljust(20, b"\0")
+        frame += b"\x12\x34\x56\x78"
+        raw = Raw(frame)
+        raw.time = p.time
+        frames.append(raw)
+    path = write(tmp_path / "pcapdroid.pcap", frames, linktype=1)
+    row = only(replay_tables([path])["connections"], proto="tcp")
+    assert row.app == "org.example.chat"
+    assert (row.bytes_up, row.bytes_down, row.packets_up) == (101, 30, 5)
+    assert row.wire_bytes_up == 5 * 40 + 101
+
+
+# -- bad input -------------------------------------------------------------------------------------
+def pcap_bytes(records, linktype=101, snaplen=65535) -> bytes:
+    """A pcap by hand: records are (timestamp, frame bytes, original length or None)."""
+    out = struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, snaplen, linktype)
+    for ts, data, orig in records:
+        out += struct.pack("<IIII", int(ts), 0, len(data), orig or len(data)) + data
+    return out
+
+
+def conv_records():
+    return [(p.time, bytes(p), None) for p in tcp_conv()]
+
+
+def test_truncated_last_record_keeps_what_came_before(tmp_path):
+    data = pcap_bytes(conv_records())
+    path = tmp_path / "cut.pcap"
+    path.write_bytes(data[:-10])
+    stats = ReplayStats()
+    conns = replay_tables([path], stats=stats)["connections"]
+    assert stats.packets == 8 and len(stats.errors) == 1
+    last = len(data) - (16 + len(bytes(tcp_conv()[-1])))
+    assert stats.errors[0] == f"{path}: truncated record (40 bytes announced) at byte offset {last}"
+    assert only(conns, proto="tcp").packets_up == 5
+
+
+def test_absurd_record_length_and_corrupt_pcapng_block(tmp_path):
+    records = conv_records()
+    data = bytearray(pcap_bytes(records))
+    at = 24 + sum(16 + len(d) for _, d, _ in records[:4])
+    struct.pack_into("<I", data, at + 8, 0x7FFFFFF0)
+    bad = tmp_path / "absurd.pcap"
+    bad.write_bytes(bytes(data))
+    stats = ReplayStats()
+    conns = replay_tables([bad], stats=stats)["connections"]
+    assert stats.errors == [f"{bad}: absurd record length 2147483632 at byte offset {at}"]
+    assert stats.packets == 4 and int(conns["packets_up"].sum() + conns["packets_down"].sum()) == 4
+
+    good = pcapng(tmp_path / "x.pcapng", [(101, None)],
+                  [(0, round(p.time * 1e6), bytes(p)) for p in tcp_conv()])
+    raw = bytearray(good.read_bytes())
+    blocks, pos = [], 0
+    while pos < len(raw):
+        blocks.append(pos)
+        pos += struct.unpack_from("<I", raw, pos + 4)[0]
+    struct.pack_into("<I", raw, blocks[5] + 4, 13)  # length not a multiple of 4
+    corrupt = tmp_path / "corrupt.pcapng"
+    corrupt.write_bytes(bytes(raw))
+    stats = ReplayStats()
+    replay_tables([corrupt], stats=stats)
+    assert stats.packets == 3
+    assert stats.errors == [f"{corrupt}: corrupt pcapng block (type 0x6, length 13) at byte "
+                            f"offset {blocks[5]}"]
+
+
+def test_unknown_link_type_and_unknown_format_are_one_line_errors(tmp_path):
+    usb = tmp_path / "usb.pcap"
+    usb.write_bytes(pcap_bytes([(T0, b"\x01" * 30, None)], linktype=220))
+    text = tmp_path / "notes.txt"
+    text.write_text("hello\n")
+    stats = ReplayStats()
+    replay_tables([usb, text], stats=stats)
+    assert stats.errors[0].startswith(f"{usb}: unsupported link type 220 (USB Linux mmapped)")
+    assert stats.errors[1].startswith(f"{text}: unknown file format")
+    assert all("\n" not in e for e in stats.errors)
+
+
+def test_malformed_packets_are_counted_and_skipped(tmp_path):
+    good = conv_records()
+    ihl = bytearray(bytes(IP(src=CLIENT, dst=SERVER) / TCP()))
+    ihl[0] = 0x43  # header length 12 bytes
+    doff = bytearray(bytes(IP(src=CLIENT, dst=SERVER) / TCP()))
+    doff[20 + 12] = 0x20  # data offset 8 bytes
+    short = bytes(IP(src=CLIENT, dst=SERVER) / TCP())[:30]
+    arp = bytes(Ether() / Raw(b"\0" * 28))
+    path = tmp_path / "mixed.pcap"
+    path.write_bytes(pcap_bytes([*good, (T0, bytes(ihl), None), (T0, bytes(doff), None),
+                                 (T0, short, 40), (T0, b"\x00" * 20, None)]))
+    stats = ReplayStats()
+    conns = replay_tables([path], stats=stats)["connections"]
+    assert dict(stats.skipped) == {"malformed IP header": 1, "malformed TCP/UDP header": 1,
+                                   "truncated TCP/UDP header": 1, "not IP": 1}
+    check_default_conv(conns)
+    ether = tmp_path / "arp.pcap"
+    ether.write_bytes(pcap_bytes([(T0, arp, None)], linktype=1))
+    stats = ReplayStats()
+    replay_tables([ether], stats=stats)
+    assert dict(stats.skipped) == {"not IP": 1} and not stats.errors
+
+
+def test_cli_writes_records_and_reports_errors_last(tmp_path, capsys):
+    good = write(tmp_path / "good.pcap", tcp_conv(), linktype=101)
+    cut = tmp_path / "cut.pcap"
+    cut.write_bytes(good.read_bytes()[:-5])
+    later = write(tmp_path / "later.pcap", tcp_conv(cport=40100, t0=T0 + 100), linktype=101)
+    out = tmp_path / "records"
+    status = main(["replay", str(cut), str(later), "-o", str(out), "--no-progress"])
+    printed = capsys.readouterr()
+    assert status == 1
+    assert "17 packets, 2 connections" in printed.out
+    assert printed.err.strip().startswith(f"error: {cut}: truncated record")
+    assert len(printed.err.strip().splitlines()) == 1
+    conns = read_table(out, "connections")
+    assert sorted(conns["client_port"]) == [40000, 40100]
+    assert len(read_table(out, "sessions")) == 2 and len(read_table(out, "activity")) == 2
+    stats = replay([good], out, overwrite=True, progress=False)
+    assert not stats.errors and "9 packets, 1 connections" in stats.summary()
+    assert len(read_table(out, "connections")) == 1
+
+
+def test_damaged_gzip_keeps_the_packets_before_the_damage(tmp_path):
+    packets = []
+    for i in range(300):
+        packets += tcp_conv(cport=20000 + i, t0=T0 + i, up=(os.urandom(1)[0] + 1,), down=())
+    whole = gzip.compress(pcap_bytes([(p.time, bytes(p), None) for p in packets]))
+    path = tmp_path / "cut.pcap.gz"
+    path.write_bytes(whole[: len(whole) // 2])
+    stats = ReplayStats()
+    conns = replay_tables([path], stats=stats)["connections"]
+    assert 0 < stats.packets < len(packets) and 50 < len(conns) < 300
+    assert len(stats.errors) == 1 and stats.errors[0].startswith(
+        f"{path}: compressed stream ends early at decompressed byte offset")
