@@ -1,6 +1,6 @@
 """Replay speed and memory beside tshark and a scapy loop, on the same files, in the same run.
 
-Captures of 200k, 2M and 20M packets are cut (editcap) from simulated phone traffic
+Pcap files of 200k, 2M and 20M packets are cut (editcap) from simulated phone traffic
 (``observer.simulate``, scenario "week" stretched to enough days).  For each file it times, in
 separate processes:
 
@@ -115,8 +115,8 @@ def build(packets: int, source: Path) -> Path:
     path = DATA / f"sim-{packets}.pcap"
     if path.exists():
         return path
-    subprocess.run(["editcap", "-F", "pcap", "-r", str(source), str(path), f"1-{packets}"], check=True,
-                   capture_output=True)
+    subprocess.run(["editcap", "-F", "pcap", "-r", str(source), str(path), f"1-{packets}"],
+                   check=True, capture_output=True)
     return path
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import math
 
 import numpy as np
 import pytest
@@ -13,6 +14,8 @@ from observer.analysis.periodicity import (
     Coverage,
     LocalClock,
     PeriodicityTest,
+    _log_tail_table,
+    day_profile,
     holm,
     interval_regularity,
 )
@@ -162,6 +165,39 @@ def test_heartbeat_intervals_are_regular_and_random_ones_are_not():
     noise = np.sort(rng.uniform(T0, T0 + DAY, 300))
     _, fraction, _, p = interval_regularity(noise, cover)
     assert fraction < 0.25 and p > 1e-3
+
+
+def test_binomial_tail_table_is_exact_for_narrow_windows():
+    table = _log_tail_table(200, 1 / 192)
+    for n, k in ((169, 7), (10, 3), (200, 1), (7, 7)):
+        exact = sum(math.comb(n, j) * (1 / 192) ** j * (1 - 1 / 192) ** (n - j)
+                    for j in range(k, n + 1))
+        assert table[n, k] == pytest.approx(-math.log10(exact), rel=1e-9)
+
+
+def evening_times(n: int, days: int, rng: np.random.Generator) -> np.ndarray:
+    """User-like uploads: local evenings (17-23 h), none at night."""
+    day = rng.integers(0, days, n)
+    return np.array([local(START + dt.timedelta(days=int(d)), h)
+                     for d, h in zip(day, rng.uniform(17, 23, n), strict=True)])
+
+
+def test_day_profile_null_separates_a_nightly_job_from_evening_uploads():
+    rng = np.random.default_rng(3)
+    t = make_test()
+    profile = day_profile(t.slot_counts(evening_times(300, 7, rng)))
+    assert profile[4] < 0.2 / 48 and profile[40] > 2 / 48  # 02:00 quiet, 20:00 busy
+    users = evening_times(100, 7, rng)
+    # The same group's evening uploads: very unlikely under a uniform null, ordinary under the
+    # device's own day profile.
+    assert t.test(users).p_value_raw < 1e-3
+    assert t.test(users, profile=profile).p_value_raw > 0.01
+    # A nightly job hidden among them stands out once evenings are expected.
+    mixed = np.concatenate([users, nightly(7, jitter_min=10, seed=2)])
+    res = t.test(mixed, profile=profile)
+    assert res.period_s == DAY and abs(res.phase_s - 2 * 3600) < 1200
+    assert (res.occurrences, res.expected) == (7, 7) and len(res.on_schedule) <= 9
+    assert res.p_value_raw < 1e-3
 
 
 def test_holm_is_monotone_and_bounded():

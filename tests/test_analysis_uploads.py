@@ -145,3 +145,7 @@ def test_coverage_from_sessions_and_silence(catalog):
     r.session(T0, T0 + 3600)
     cov, _ = device_coverage(r.tables()["sessions"], blk, "phone")
     assert cov.intervals == ((T0, T0 + 3600),)
+    # Silence means a capture gap only in a packet source: an import's session is covered whole.
+    sessions = r.tables()["sessions"].assign(source="import", ts_end=T0 + 86400)
+    cov, silent = device_coverage(sessions, blk, "phone")
+    assert silent == [] and cov.intervals == ((T0, T0 + 86400),)

@@ -32,6 +32,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from mitmproxy import dns
 from websockets.sync.client import connect as ws_connect
 
 from observer.records import read_table
@@ -152,6 +153,19 @@ async def serve_h2(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -
         await writer.drain()
 
 
+class FakeDns(asyncio.DatagramProtocol):
+    """Answers every A query with 10.1.2.3 (the upstream of mitmdump's DNS mode)."""
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr) -> None:
+        query = dns.DNSMessage.unpack(data)
+        answer = dns.ResourceRecord.A(query.questions[0].name,
+                                      ipaddress.IPv4Address("10.1.2.3"), ttl=60)
+        self.transport.sendto(query.succeed([answer]).packed, addr)
+
+
 class Upstream:
     """The servers, on an event loop in a thread."""
 
@@ -159,6 +173,11 @@ class Upstream:
         self.tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         self.tls.load_cert_chain(cert, key)
         self.tls.set_alpn_protocols(["h2", "http/1.1"])
+        # WebSocket needs HTTP/1.1 upstream; mitmproxy may open the upstream TLS connection
+        # before the client's ClientHello tells it which ALPN the client wants.
+        self.tls_h1 = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self.tls_h1.load_cert_chain(cert, key)
+        self.tls_h1.set_alpn_protocols(["http/1.1"])
         self.loop = asyncio.new_event_loop()
         self.ready = threading.Event()
         threading.Thread(target=self._run, daemon=True).start()
@@ -182,8 +201,13 @@ class Upstream:
     async def _start(self) -> None:
         tls = await asyncio.start_server(self._tls_conn, "127.0.0.1", 0, ssl=self.tls)
         echo = await asyncio.start_server(self._echo, "127.0.0.1", 0)
+        ws = await asyncio.start_server(self._tls_conn, "127.0.0.1", 0, ssl=self.tls_h1)
+        self.ws_port = ws.sockets[0].getsockname()[1]
+        transport, _ = await self.loop.create_datagram_endpoint(
+            FakeDns, local_addr=("127.0.0.1", 0))
         self.tls_port = tls.sockets[0].getsockname()[1]
         self.echo_port = echo.sockets[0].getsockname()[1]
+        self.dns_port = transport.get_extra_info("sockname")[1]
         self.ready.set()
 
     def _run(self) -> None:
@@ -257,18 +281,29 @@ class Relay:
 
 # --- mitmdump with the addon, once per module --------------------------------------------------
 
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 class Proxy:
-    def __init__(self, tmp: Path, ca: Path) -> None:
+    """mitmdump in regular mode, plus a DNS mode (as WireGuard mode handles DNS) to FakeDns."""
+
+    def __init__(self, tmp: Path, ca: Path, dns_upstream: int) -> None:
         self.dir = tmp / "records"
         self.flows = tmp / "flows.mitm"
+        self.dns_port = free_udp_port()
         self.proc = subprocess.Popen(
             [str(MITMDUMP), "-s", str(ROOT / "addons" / "telemetry.py"),
-             "--listen-host", "127.0.0.1", "--listen-port", "0",
+             "--listen-host", "127.0.0.1", "--mode", "regular@0",
+             "--mode", f"reverse:dns://127.0.0.1:{dns_upstream}@{self.dns_port}",
              "--set", f"confdir={tmp / 'conf'}",
              "--set", f"ssl_verify_upstream_trusted_ca={ca}",
              "--set", r"ignore_hosts=^ignored\.test:",
              "--set", f"observer_dir={self.dir}",
              "--set", "observer_bin_s=1",
+             "--set", "observer_checkpoint_s=1",
              "--set", "flow_detail=0",
              "-w", str(self.flows)],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp,
@@ -281,7 +316,7 @@ class Proxy:
             if not line:
                 break
             self.log.append(line)
-            if m := re.search(r"listening at 127\.0\.0\.1:(\d+)", line):
+            if m := re.search(r"HTTP\(S\) proxy listening at 127\.0\.0\.1:(\d+)", line):
                 port = int(m.group(1))
         assert port, "mitmdump did not start:\n" + "".join(self.log)
         self.port = port
@@ -295,13 +330,14 @@ class Proxy:
     def tables(self) -> dict:
         return jsonl_import.read(self.dir / "live")
 
-    def conn(self, client_port: int, timeout: float = 10) -> dict:
-        """The final connection record of a client port (waits for the JSONL flush)."""
+    def conn(self, client_port: int, timeout: float = 10, final: bool = True) -> dict:
+        """The (final) connection record of a client port (waits for the JSONL flush)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if (self.dir / "live").exists():
                 conns = self.tables()["connections"]
-                hit = conns[(conns.client_port == client_port) & (conns.close_reason != "open")]
+                hit = conns[(conns.client_port == client_port)
+                            & ((conns.close_reason != "open") | (not final))]
                 if len(hit):
                     return hit.iloc[-1].to_dict()
             time.sleep(0.1)
@@ -326,7 +362,7 @@ def lab(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("proxy")
     ca, cert, key = make_pki(tmp)
     upstream = Upstream(cert, key)
-    proxy = Proxy(tmp, ca)
+    proxy = Proxy(tmp, ca, upstream.dns_port)
     yield proxy, upstream, ca
     proxy.stop()
     upstream.loop.call_soon_threadsafe(upstream.loop.stop)
@@ -404,7 +440,7 @@ def test_intercepted_http2(lab):
 def test_websocket_messages(lab):
     proxy, upstream, _ = lab
     relay = Relay(proxy.port)
-    with ws_connect(f"wss://localhost:{upstream.tls_port}/ws", proxy=relay.url,
+    with ws_connect(f"wss://localhost:{upstream.ws_port}/ws", proxy=relay.url,
                     ssl=client_tls(proxy.mitm_ca), compression=None) as ws:
         for size in (5, 50, 300):
             ws.send("m" * size)
@@ -479,6 +515,28 @@ def test_plain_tcp(lab):
         "none", upstream.echo_port, "none")
 
 
+def test_dns_answers_and_udp_counts(lab):
+    proxy, _, _ = lab
+    query = dns.DNSMessage(
+        id=7, query=True, op_code=0, authoritative_answer=False, truncation=False,
+        recursion_desired=True, recursion_available=False, reserved=0, response_code=0,
+        questions=[dns.Question("backup.example.test", 1, 1)], answers=[], authorities=[],
+        additionals=[]).packed
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(5)
+        s.sendto(query, ("127.0.0.1", proxy.dns_port))
+        reply = s.recv(4096)
+        port = s.getsockname()[1]
+    assert [str(a.ipv4_address) for a in dns.DNSMessage.unpack(reply).answers] == ["10.1.2.3"]
+    rec = proxy.conn(port, final=False)
+    assert (rec["proto"], rec["tls"], rec["proxy_mode"]) == ("udp", "none", "reverse")
+    assert (rec["bytes_up"], rec["bytes_down"]) == (len(query), len(reply))
+    assert (rec["packets_up"], rec["packets_down"]) == (1, 1)
+    answers = proxy.tables()["dns"]
+    assert answers[["query", "answer_type", "answer", "ttl"]].values.tolist() == [
+        ["backup.example.test", "A", "10.1.2.3", 60]]
+
+
 def test_stop_writes_parquet_and_flow_file_replays(lab):
     """Runs last: stopping mitmdump converts the run to Parquet and saves the flow file."""
     proxy, _, _ = lab
@@ -507,7 +565,9 @@ def test_stop_writes_parquet_and_flow_file_replays(lab):
     assert ws_replayed[["conn_id", "direction", "bytes"]].equals(
         ws_live[["conn_id", "direction", "bytes"]])
     # The plain TCP flow was saved at its end: its connection replays exactly.
-    tcp_live = final[(final.tls == "none") & (final.server_port.notna())]
+    dns_cols = ["query", "answer_type", "answer", "ttl"]
+    assert replayed["dns"][dns_cols].equals(live["dns"][dns_cols])
+    tcp_live = final[(final.tls == "none") & (final.proto == "tcp") & final.server_port.notna()]
     tcp_replayed = replayed["connections"].set_index("conn_id")
     (tcp_conn,) = tcp_live.itertuples()
     replayed_tcp = tcp_replayed.loc[tcp_conn.conn_id]

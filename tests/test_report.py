@@ -505,3 +505,19 @@ def test_empty_records_say_nothing_was_observed(tmp_path):
     assert "No connection records: nothing was observed" in html
     assert "No session records, so coverage is unknown." in html
     assert len(re.findall(r'src="data:image/svg\+xml;base64,', html)) == 3
+
+
+def test_app_findings_name_the_app_and_carry_the_evidence_note():
+    from observer.report.text import verdict_sentence
+
+    finding = {
+        "group": "WhatsApp", "group_kind": "app", "names": ["sync.example.net"],
+        "verdict": "periodic bulk upload", "period_s": 86400.0, "phase_local": "02:00",
+        "typical_bytes": 30e6, "occurrences": 7, "expected": 7, "p_value": 1e-5,
+        "confidence": "high", "evidence_note": "Events come from connection totals.",
+    }
+    sentence = verdict_sentence(finding, "Europe/Berlin")
+    assert sentence.startswith("The app WhatsApp uploaded about 30.0 MB to sync.example.net")
+    assert sentence.endswith("Events come from connection totals.")
+    finding.update(group_kind="service", service="Acme", evidence_note=None)
+    assert verdict_sentence(finding, "UTC").startswith("The phone uploaded about 30.0 MB to Acme")

@@ -5,8 +5,8 @@ local time, may jitter, and may skip cycles.  The score of a period P is the bes
 folded phases: the most distinct cycles that fall inside a phase window of width w*P, scored by
 how unlikely that count is for the same number of events under a binomial model.  The p-value of
 the best score (over windows, widths and periods tried) comes from Monte Carlo: the same number
-of events placed uniformly at random over the covered time, scored the same way.  See
-docs/analysis.md for the formulas.
+of events placed at random over the covered time (following the device's day profile: people
+sleep), scored the same way.  See docs/analysis.md for the formulas.
 """
 
 from __future__ import annotations
@@ -25,18 +25,27 @@ CLOCK_PERIODS = (3600.0, 7200.0, 10800.0, 14400.0, 21600.0, 28800.0, 43200.0, DA
 # Window widths as fractions of the period (for 24 h: 30 min, 1 h, 2 h, 4 h).
 WIDTHS = (1 / 48, 1 / 24, 1 / 12, 1 / 6)
 # The 24 h period is scanned on the activity clock (below), where a quiet night hour is a thin
-# slice: narrower widths let a nightly job stand out from a busy group's daytime uploads.
+# slice: narrower widths let a nightly job stand out from a busy group's daytime uploads.  Only
+# for busy groups: with few events, a chance coincidence of three within minutes would make the
+# score's null tail too lumpy to extrapolate, and a small group's job has nothing to hide in.
 WIDTHS_24H = (1 / 192, 1 / 96, *WIDTHS)
+NARROW_MIN_EVENTS = 48
+
+
+def day_widths(n: int) -> tuple[float, ...]:
+    return WIDTHS_24H if n >= NARROW_MIN_EVENTS else WIDTHS
 SLOTS = 48  # the day profile's resolution: 30-minute slots of the local day
-PROFILE_PRIOR = 1.0  # pseudo-events per slot: a profile from few events stays near uniform
+# A profile from N events gets the weight N^2 / (N^2 + PROFILE_HALF^2) against uniform: a
+# histogram of a few dozen events is mostly noise, and noise in the null is a false alarm.
+PROFILE_HALF = 100.0
 SAMPLE_CELL_S = 300.0
 FREE_MIN_S = 600.0
 FREE_MAX_S = 7 * DAY
 MAX_EVENTS = 400  # a group with more bulk events is tested on its largest ones
 MIN_SIM = 200  # fewest Monte Carlo runs of the null, for the largest groups
-# When fewer than 10 null runs reach the observed score, the null is extended up to this many
+# When fewer than 10 null runs reach the observed score, the null is extended to this many
 # times its runs before a tail is fitted: narrow windows make the score's tail lumpy.
-MAX_EXTEND = 20
+EXTEND = 5
 P_FLOOR = 1e-12  # an extrapolated tail says "smaller than this", not an exact figure
 # Weighted Bonferroni over the three families: 24 h alone first, other clock periods, free search.
 FAMILY_WEIGHTS = {"24h": 0.5, "clock": 0.25, "free": 0.25}
@@ -152,12 +161,16 @@ def slot_counts(wall: np.ndarray) -> np.ndarray:
     return np.bincount(slot, minlength=SLOTS)[:SLOTS].astype(float)
 
 
-def day_profile(counts: np.ndarray, prior: float = PROFILE_PRIOR) -> np.ndarray:
-    """Share of activity per 30-minute slot of the local day: slot counts with ``prior``
-    pseudo-events per slot, smoothed over neighbouring slots (circularly)."""
-    counts = np.asarray(counts, dtype=float) + prior
-    smooth = (np.roll(counts, 1) + 2 * counts + np.roll(counts, -1)) / 4
-    return smooth / smooth.sum()
+def day_profile(counts: np.ndarray, half: float = PROFILE_HALF) -> np.ndarray:
+    """Share of activity per 30-minute slot of the local day: the slot counts smoothed over
+    neighbouring slots (circularly), mixed with uniform by how many events there are."""
+    counts = np.asarray(counts, dtype=float)
+    n = counts.sum()
+    if n <= 0:
+        return uniform_profile()
+    smooth = (np.roll(counts, 1) + 2 * counts + np.roll(counts, -1)) / (4 * n)
+    weight = n**2 / (n**2 + half**2)
+    return weight * smooth + (1 - weight) / SLOTS
 
 
 def activity_clock(wall: np.ndarray, profile: np.ndarray) -> np.ndarray:
@@ -290,7 +303,7 @@ def family_scores(utc: np.ndarray, clock: LocalClock, profile: np.ndarray) -> Fa
     sc, _, _ = window_scores(wall, np.array(CLOCK_PERIODS))
     day = list(CLOCK_PERIODS).index(DAY)
     sc[:, day] = window_scores(activity_clock(wall, profile), np.array([DAY]),
-                               WIDTHS_24H)[0][:, 0]
+                               day_widths(utc.shape[1]))[0][:, 0]
     out.score["24h"] = sc[:, day]
     out.score["clock"] = sc.max(axis=1)
     out.per_clock_period = sc
@@ -421,11 +434,8 @@ class PeriodicityTest:
             return result
         observed = family_scores(times[None, :], self.clock, self.profile)
         null = self.null(n)
-        for batches in (4, MAX_EXTEND):
-            if all(np.sum(null.score[f] >= observed.score[f][0] - 1e-12) >= 10
-                   for f in FAMILY_WEIGHTS):
-                break
-            null = self.null(n, batches)
+        if any(np.sum(null.score[f] >= observed.score[f][0] - 1e-12) < 10 for f in FAMILY_WEIGHTS):
+            null = self.null(n, EXTEND)
         weighted = {}
         for fam, weight in FAMILY_WEIGHTS.items():
             p = tail_p(float(observed.score[fam][0]), null.score[fam])
@@ -493,7 +503,7 @@ class PeriodicityTest:
         # A day is scanned on the activity clock (as in the test); phase and jitter are told on
         # the wall clock.
         scan = activity_clock(tau, self.profile) if local and period == DAY else tau
-        fit = fit_window(scan, period, WIDTHS_24H if scan is not tau else WIDTHS)
+        fit = fit_window(scan, period, day_widths(len(tau)) if scan is not tau else WIDTHS)
         # Events in a window twice as wide as the best one, centred on it, are "on schedule".
         centre = (fit.start_frac + fit.width / 2) % 1.0
         dev = (np.mod(scan, period) / period - centre + 0.5) % 1.0 - 0.5

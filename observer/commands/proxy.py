@@ -99,10 +99,11 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         return 0
     proc = subprocess.Popen(cmd)
-    signal.signal(signal.SIGTERM, lambda *_: proc.send_signal(signal.SIGINT))
+    signal.signal(signal.SIGTERM, lambda *_: proc.terminate())
     while True:
         try:
             return proc.wait()
         except KeyboardInterrupt:
-            # mitmdump got the same Ctrl-C and is writing its Parquet records: wait for it.
-            continue
+            # Ask mitmdump to stop cleanly (it may have had the Ctrl-C too: stopping twice is
+            # harmless) and wait while it writes its Parquet records.
+            proc.terminate()

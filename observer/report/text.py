@@ -133,9 +133,29 @@ def phase_words(phase_local: str, period_s: float | None) -> str:
 
 
 def verdict_sentence(finding: dict, tz_name: str) -> str:
-    """One sentence a journalist can quote, built only from the finding's own numbers."""
+    """One sentence a journalist can quote, built only from the finding's own numbers.
+
+    The analysis's ``evidence_note`` (e.g. events taken from connection totals of a log without
+    timing inside connections) follows the sentence, so the limit travels with the claim.
+    """
+    sentence = _verdict_sentence(finding, tz_name)
+    note = finding.get("evidence_note")
+    return f"{sentence} {note}" if note else sentence
+
+
+def _subject_and_target(finding: dict) -> tuple[str, str]:
+    """Who sends and to whom: "the phone" to a service, or an app (PCAPdroid) to its endpoints."""
+    if finding.get("group_kind") == "app":
+        names = list(finding.get("names") or [])
+        target = ", ".join(names[:3]) + (" and others" if len(names) > 3 else "")
+        return f"the app {finding.get('group')}", target or "its endpoints"
+    return "the phone", who(finding)
+
+
+def _verdict_sentence(finding: dict, tz_name: str) -> str:
     verdict = finding.get("verdict", "nothing notable")
-    target = who(finding)
+    subject, target = _subject_and_target(finding)
+    opener = subject[:1].upper() + subject[1:]
     size = human_bytes(finding.get("typical_bytes"))
     occ, exp = finding.get("occurrences"), finding.get("expected")
     period = finding.get("period_s")
@@ -153,22 +173,22 @@ def verdict_sentence(finding: dict, tz_name: str) -> str:
     spread = f", give or take {human_duration(jitter)}" if jitter else ""
     conf = finding.get("confidence") or "none"
     if verdict == "periodic bulk upload":
-        lead = "A scheduled backup: the" if finding.get("is_backup") else "The"
+        lead = f"A scheduled backup: {subject}" if finding.get("is_backup") else opener
         when = f"{period_words(period)}{at}{spread}{seen}"
-        text = f"{lead} phone uploaded about {size} to {target} {when}."
+        text = f"{lead} uploaded about {size} to {target} {when}."
     elif verdict == "periodic heartbeat":
         about = f" (about {size} each)" if finding.get("typical_bytes") else ""
         times = f", {occ:,} times" if occ else ""
         # A heartbeat is reported, not scored: its p-value says nothing about an export.
         return (
-            f"The phone contacts {target} {period_words(period)} with small amounts of "
+            f"{opener} contacts {target} {period_words(period)} with small amounts of "
             f"data{about}{times}: a heartbeat, not a bulk upload."
         )
     elif verdict == "irregular uploads":
         n = finding.get("bulk_events", occ)
         count = f"{n} bulk upload{'' if n == 1 else 's'}" if n is not None else "bulk uploads"
         return (
-            f"The phone made {count} to {target} (typically {size}) at irregular times."
+            f"{opener} made {count} to {target} (typically {size}) at irregular times."
             f"{_why_irregular(finding)}"
         )
     else:

@@ -85,7 +85,8 @@ class Decoder:
         limit = buf.size - PAD
         d, caplen = batch.data_off, batch.caplen
         end = d + caplen  # first byte after the captured packet
-        lts = np.unique(batch.linktype) if batch.linktype.size else batch.linktype
+        lt = batch.linktype
+        lts = lt[:1] if not lt.size or (lt == lt[0]).all() else np.unique(lt)
         l3 = np.zeros(d.size, np.int64)
         family = np.zeros(d.size, np.int64)  # 4, 6 or 0 (not IP)
         uid = np.full(d.size, -1, np.int64)

@@ -9,7 +9,7 @@ with the number of connections, not packets.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -267,64 +267,81 @@ class Tracker:
             np.stack([gid[at], bins[at], b_up, b_all - b_up, p_up, length - p_up]))
 
     # -- results -----------------------------------------------------------------------------
-    def connections(self, *, capture_end: float, source: str = "pcap") -> pd.DataFrame:
-        """One row per connection in schema column names (names are filled in by the caller)."""
+    def _ends(self) -> tuple[np.ndarray, ...]:
+        """Client and server address, port and protocol of every connection."""
         c, f = self.conns, self.flows
         fid = c.view("flow")
         cb = c.view("client_b")
         pick = lambda a, b: np.where(cb, f[b][fid], f[a][fid])  # noqa: E731
-        c_hi, c_lo, c_port = pick("a_hi", "b_hi"), pick("a_lo", "b_lo"), pick("a_port", "b_port")
-        s_hi, s_lo, s_port = pick("b_hi", "a_hi"), pick("b_lo", "a_lo"), pick("b_port", "a_port")
-        udp = f["udp"][fid]
+        return (pick("a_hi", "b_hi"), pick("a_lo", "b_lo"), pick("a_port", "b_port"),
+                pick("b_hi", "a_hi"), pick("b_lo", "a_lo"), pick("b_port", "a_port"),
+                f["udp"][fid])
+
+    def conn_ids(self) -> np.ndarray:
+        """Deterministic ids as 64-bit hashes of the 5-tuple and the start (microseconds); see
+        ``id_text``, which makes the rare equal ones unique."""
+        stamp = np.round(self.conns.view("ts_start") * 1e6).astype(np.int64)
+        return mix(*self._ends(), stamp)
+
+    @staticmethod
+    def id_text(ids: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """``pcap-<hash>`` for connections ``rows``, with the index appended where hashes tie."""
+        text = np.array([f"pcap-{h:016x}" for h in ids[rows].tolist()], object)
+        values, counts = np.unique(ids, return_counts=True)
+        tied = np.isin(ids[rows], values[counts > 1])
+        for i in np.flatnonzero(tied).tolist():
+            text[i] = f"{text[i]}-{rows[i]}"
+        return text
+
+    def connections(self, ids: np.ndarray, rows: slice, *, capture_end: float) -> pd.DataFrame:
+        """Connections ``rows`` in schema column names (names are filled in by the caller)."""
+        c = self.conns
+        c_hi, c_lo, c_port, s_hi, s_lo, s_port, udp = (a[rows] for a in self._ends())
+        view = lambda name: c.view(name)[rows]  # noqa: E731
         client_ip = address_strings(c_hi, c_lo)
-        server_ip = address_strings(s_hi, s_lo)
         device = client_ip.copy()
         for (hi, lo), name in self.devices.items():
             device[(c_hi == hi) & (c_lo == lo)] = name
-        ts_start, ts_end = c.view("ts_start"), c.view("ts_end")
-        stamp = np.round(ts_start * 1e6).astype(np.int64)
-        ids = mix(c_hi, c_lo, c_port, s_hi, s_lo, s_port, udp, stamp)
-        conn_id = pd.Series([f"pcap-{h:016x}" for h in ids.tolist()], dtype="string")
-        dup = conn_id.duplicated(keep=False).to_numpy()
-        if dup.any():
-            conn_id[dup] = [f"{v}-{i}" for i, v in
-                            zip(np.flatnonzero(dup), conn_id[dup], strict=True)]
-        idle = udp & (c.view("superseded") | (capture_end - ts_end > self.udp_idle_s))
-        close = np.where(c.view("rst"), "rst", np.where(c.view("fin"), "fin", "end-of-capture"))
+        ts_end = view("ts_end")
+        idle = udp & (view("superseded") | (capture_end - ts_end > self.udp_idle_s))
+        close = np.where(view("rst"), "rst", np.where(view("fin"), "fin", "end-of-capture"))
         close = np.where(udp, np.where(idle, "idle", "end-of-capture"), close)
-        app = c.view("app")
-        names = np.array([self.apps.get(u) for u in np.unique(app).tolist()] or [None], object)
-        app_s = names[np.searchsorted(np.unique(app), app)] if app.size else app.astype(object)
+        app = view("app")
+        known = np.unique(app)
+        names = np.array([self.apps.get(u) for u in known.tolist()] + [None], object)
         return pd.DataFrame({
-            "conn_id": conn_id, "source": source, "device": device,
+            "conn_id": self.id_text(ids, np.arange(rows.start, rows.stop)), "source": "pcap",
+            "device": device,
             "proto": np.where(udp, "udp", "tcp"),
-            "client_ip": client_ip, "client_port": c_port, "server_ip": server_ip,
-            "server_port": s_port, "ts_start": ts_start, "ts_end": ts_end,
-            "bytes_up": c.view("bytes_up"), "bytes_down": c.view("bytes_down"),
-            "packets_up": c.view("packets_up"), "packets_down": c.view("packets_down"),
-            "wire_bytes_up": c.view("wire_up"), "wire_bytes_down": c.view("wire_down"),
-            "close_reason": close, "app": app_s,
+            "client_ip": client_ip, "client_port": c_port,
+            "server_ip": address_strings(s_hi, s_lo), "server_port": s_port,
+            "ts_start": view("ts_start"), "ts_end": ts_end,
+            "bytes_up": view("bytes_up"), "bytes_down": view("bytes_down"),
+            "packets_up": view("packets_up"), "packets_down": view("packets_down"),
+            "wire_bytes_up": view("wire_up"), "wire_bytes_down": view("wire_down"),
+            "close_reason": close, "app": names[np.searchsorted(known, app)],
         })
 
-    def activity(self, conn_id: pd.Series, device: pd.Series) -> pd.DataFrame:
-        """Bytes and packets per connection per bin (rows split across batches are summed)."""
+    def activity(self, ids: np.ndarray, device: np.ndarray, size: int
+                 ) -> Iterator[pd.DataFrame]:
+        """Bytes and packets per connection per bin, ``size`` rows at a time (a connection's bin
+        split across batches is summed into one row)."""
         rows = (np.concatenate(self._activity, axis=1) if self._activity
                 else np.zeros((6, 0), np.int64))
         self._activity = []
-        order = np.lexsort((rows[1], rows[0]))
-        rows = rows[:, order]
-        if rows.shape[1]:  # a (connection, bin) split across batches becomes one row
+        rows = rows[:, np.lexsort((rows[1], rows[0]))]
+        if rows.shape[1]:
             start = np.flatnonzero(np.concatenate(
                 ([True], (rows[0, 1:] != rows[0, :-1]) | (rows[1, 1:] != rows[1, :-1]))))
-            sums = np.add.reduceat(rows[2:], start, axis=1)
-            rows = np.concatenate([rows[:2, start], sums])
-        gid = rows[0]
-        return pd.DataFrame({
-            "conn_id": conn_id.to_numpy()[gid], "device": device.to_numpy()[gid],
-            "ts_bin": rows[1] * self.bin_s, "bin_s": float(self.bin_s),
-            "bytes_up": rows[2], "bytes_down": rows[3],
-            "packets_up": rows[4], "packets_down": rows[5],
-        })
+            rows = np.concatenate([rows[:2, start], np.add.reduceat(rows[2:], start, axis=1)])
+        for at in range(0, max(rows.shape[1], 1), size):
+            part = rows[:, at : at + size]
+            yield pd.DataFrame({
+                "conn_id": self.id_text(ids, part[0]), "device": device[part[0]],
+                "ts_bin": part[1] * self.bin_s, "bin_s": float(self.bin_s),
+                "bytes_up": part[2], "bytes_down": part[3],
+                "packets_up": part[4], "packets_down": part[5],
+            })
 
 
 def address_strings(hi: np.ndarray, lo: np.ndarray) -> np.ndarray:

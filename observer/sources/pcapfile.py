@@ -177,7 +177,7 @@ class Batches:
                     continue
             if off + hdr > end:
                 if filler.eof:
-                    if off < end:
+                    if off < end or filler.broken:
                         self._truncated(filler, off, "truncated record header")
                     return
             else:
@@ -218,7 +218,7 @@ class Batches:
                 pos = off
                 continue
             if filler.eof:
-                if off < end:
+                if off < end or filler.broken:
                     self._truncated(filler, off, "truncated block (file ends inside it)")
                 return
             if off + 8 <= end:
@@ -484,7 +484,3 @@ def gunzip_head(path: Path, size: int) -> bytes:
     with open(path, "rb") as raw:
         return _Gunzip(raw).read(size)
 
-
-def open_capture(path: Path, head: bytes) -> Batches:
-    """Batches over a pcap, pcapng or gzip-compressed pcap/pcapng file (chosen by content)."""
-    return Batches(path, compressed=kind_of(head) == "gzip")

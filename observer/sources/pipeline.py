@@ -13,12 +13,14 @@ import importlib
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from observer import ObserverError
 from observer.records import TABLES, conform, write_table
@@ -32,7 +34,7 @@ if TYPE_CHECKING:
 
 IMPORTERS = ("observer.sources.mitmflows", "observer.sources.imports")
 HEAD_BYTES = 4096
-WRITE_ROWS = 1 << 16  # rows per write_table call
+WRITE_ROWS = 1 << 14  # rows per table slice: bounds the memory of building and writing one
 
 
 @dataclass
@@ -113,8 +115,9 @@ class Replay:
         self.progress = sys.stderr.isatty() if progress is None else progress
         self._bar = None
 
-    def run(self, paths: list[Path]) -> dict[str, pd.DataFrame]:
-        started = time.perf_counter()
+    def read(self, paths: list[Path]) -> None:
+        """Read every file (one error line each for those that fail)."""
+        self._started = time.perf_counter()
         if self.progress:
             from tqdm import tqdm
 
@@ -129,12 +132,14 @@ class Replay:
         finally:
             if self._bar is not None:
                 self._bar.close()
-        tables = self._tables()
-        self.stats.seconds = time.perf_counter() - started
         self.stats.skipped.update(self.decoder.skipped)
+
+    def tables(self) -> Iterator[tuple[str, pd.DataFrame]]:
+        """The record tables, one at a time so a writer can drop each before the next is built;
+        a name comes again for each importer that also gave that table."""
+        yield from self._tables()
         self.stats.skipped.update(self.namer.skipped)
-        self.stats.connections = len(tables["connections"])
-        return tables
+        self.stats.seconds = time.perf_counter() - self._started
 
     def _file(self, path: Path) -> None:
         head = _head(path)
@@ -180,43 +185,52 @@ class Replay:
             "packets_captured": batches.packets, "note": error,
         })
 
-    def _tables(self) -> dict[str, pd.DataFrame]:
+    def _tables(self) -> Iterator[tuple[str, pd.DataFrame]]:
+        """Tables in slices of WRITE_ROWS rows, so only one slice of output exists at a time."""
         tracker, namer = self.tracker, self.namer
         end = max((s["ts_end"] for s in self.sessions if s["ts_end"] is not None), default=0.0)
-        conns = tracker.connections(capture_end=end)
-        gids = np.arange(len(conns))
-        udp = conns["proto"].to_numpy() == "udp"
-        quic = np.isin(gids, np.fromiter(namer.quic, np.int64, len(namer.quic)))
-        tls = np.isin(gids, np.fromiter(namer.tls, np.int64, len(namer.tls)))
-        conns["proto"] = np.where(udp & quic, "quic", conns["proto"])
-        conns["tls"] = np.where(tls | (udp & quic), "unknown", "none")
-        named = pd.DataFrame.from_dict(namer.names, orient="index",
-                                       columns=["server_name", "name_source", "alpn"])
-        named = named.reindex(gids)
-        conns["server_name"] = named["server_name"].replace("", None).to_numpy()
-        conns["name_source"] = named["name_source"].to_numpy()
-        conns["alpn"] = named["alpn"].to_numpy()
         dns = namer.dns()
         dns["device"] = self._devices(dns["client_ip"])
-        conns = _name_from_dns(conns, dns)
-        conns["name_source"] = conns["name_source"].fillna("none")
-        conns = conform("connections", conns)
-        activity = conform("activity", tracker.activity(conns["conn_id"], conns["device"]))
+        for start in range(0, max(len(dns), 1), WRITE_ROWS):  # every table, even empty
+            yield "dns", conform("dns", dns.iloc[start : start + WRITE_ROWS])
+        ids = tracker.conn_ids()
+        devices = np.empty(len(ids), object)
+        for start in range(0, max(len(ids), 1), WRITE_ROWS):
+            rows = slice(start, min(len(ids), start + WRITE_ROWS))
+            conns = self._named(tracker.connections(ids, rows, capture_end=end), rows, dns)
+            devices[rows] = conns["device"].to_numpy(object)
+            self.stats.connections += len(conns)
+            yield "connections", conform("connections", conns)
+        del dns
+        for part in tracker.activity(ids, devices, WRITE_ROWS):
+            yield "activity", conform("activity", part)
         sessions = pd.DataFrame(self.sessions, columns=list(TABLES["sessions"]))
         if len(self.config.devices if self.config else ()) == 1:
             sessions["device"] = self.config.devices[0].name
-        tables = {
-            "connections": conns,
-            "activity": activity,
-            "dns": conform("dns", dns),
-            "sessions": conform("sessions", sessions),
-        }
+        yield "sessions", conform("sessions", sessions)
         for extra in self.imported:
             for name, frame in extra.items():
                 frame = conform(name, frame)
-                tables[name] = pd.concat([tables[name], frame], ignore_index=True) \
-                    if name in tables and len(tables[name]) else frame
-        return tables
+                if name == "connections":
+                    self.stats.connections += len(frame)
+                yield name, frame
+
+    def _named(self, conns: pd.DataFrame, rows: slice, dns: pd.DataFrame) -> pd.DataFrame:
+        """Protocol, TLS state and server name of connections ``rows``."""
+        namer = self.namer
+        gids = np.arange(rows.start, rows.stop)
+        udp = conns["proto"].to_numpy() == "udp"
+        quic = udp & np.isin(gids, np.fromiter(namer.quic, np.int64, len(namer.quic)))
+        tls = np.isin(gids, np.fromiter(namer.tls, np.int64, len(namer.tls)))
+        conns["proto"] = np.where(quic, "quic", conns["proto"])
+        conns["tls"] = np.where(tls | quic, "unknown", "none")
+        names = [namer.names.get(g, (None, None, None)) for g in gids.tolist()]
+        conns["server_name"] = [n[0] or None for n in names]
+        conns["name_source"] = [n[1] for n in names]
+        conns["alpn"] = [n[2] for n in names]
+        conns = _name_from_dns(conns, dns)
+        conns["name_source"] = conns["name_source"].fillna("none")
+        return conns
 
     def _devices(self, ips: pd.Series) -> np.ndarray:
         """Device names for client addresses: the config's name, else the address itself."""
@@ -252,7 +266,11 @@ def replay_tables(paths: list[Path], *, config: LabConfig | None = None,
                   ) -> dict[str, pd.DataFrame]:
     """Replay files into schema tables (connections, activity, dns, sessions, and imported ones)."""
     run = Replay(config, udp_idle_s=udp_idle_s, bin_s=bin_s, progress=progress)
-    tables = run.run(list(paths))
+    run.read(list(paths))
+    tables: dict[str, pd.DataFrame] = {}
+    for name, frame in run.tables():
+        tables[name] = (pd.concat([tables[name], frame], ignore_index=True)
+                        if name in tables and len(tables[name]) else frame)
     if stats is not None:
         stats.__dict__.update(run.stats.__dict__)
     return tables
@@ -262,15 +280,14 @@ def replay(paths: list[Path], out_dir: Path, *, config: LabConfig | None = None,
            overwrite: bool = False, progress: bool | None = None,
            udp_idle_s: float | None = None, bin_s: float | None = None) -> ReplayStats:
     """Replay files and write their records under ``out_dir``; errors are in the stats."""
-    stats = ReplayStats()
-    tables = replay_tables(paths, config=config, udp_idle_s=udp_idle_s, bin_s=bin_s,
-                           progress=progress, stats=stats)
-    for name in list(tables):
-        frame = tables.pop(name)
-        rows = 0
-        for start in range(0, max(len(frame), 1), WRITE_ROWS):  # bounds the writer's copies
-            part = frame.iloc[start : start + WRITE_ROWS]
-            rows += write_table(out_dir, name, part, overwrite=overwrite and start == 0)
-        stats.rows[name] = rows
+    run = Replay(config, udp_idle_s=udp_idle_s, bin_s=bin_s, progress=progress)
+    run.read(list(paths))
+    pool = pa.default_memory_pool()
+    rows: dict[str, int] = {}
+    for name, frame in run.tables():
+        first = overwrite and name not in rows
+        rows[name] = rows.get(name, 0) + write_table(out_dir, name, frame, overwrite=first)
         del frame
-    return stats
+        pool.release_unused()  # Arrow keeps freed buffers; without this the peak grows per table
+    run.stats.rows = rows
+    return run.stats

@@ -64,21 +64,15 @@ def guarded[F: Callable[..., Any]](method: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def client_hello_of(data: bytes) -> tuple[str | None, str | None] | None:
-    """(SNI, first offered ALPN) of a client's first bytes if they hold a TLS ClientHello.
-
-    None when they are not TLS or the ClientHello is not complete yet.
-    """
+def client_hello_sni(data: bytes) -> tuple[bool, str | None]:
+    """(whether a client's first bytes hold a whole TLS ClientHello, its SNI)."""
     if not starts_like_tls_record(data):
-        return None
+        return False, None
     try:
         hello = parse_client_hello(data)
     except ValueError:
-        return None, None  # TLS, but a ClientHello we cannot read
-    if hello is None:
-        return None
-    alpn = hello.alpn_protocols[0].decode("ascii", "replace") if hello.alpn_protocols else None
-    return hello.sni, alpn
+        return True, None  # TLS, but a ClientHello we cannot read
+    return (False, None) if hello is None else (True, hello.sni)
 
 
 class Recorder:
@@ -90,6 +84,7 @@ class Recorder:
         self.ticker: asyncio.Task | None = None
         self.saving = False
         self.keep_query = False
+        self.stopped = False
 
     def load(self, loader: Any) -> None:
         loader.add_option(
@@ -171,6 +166,14 @@ class Recorder:
 
     @guarded
     def running(self) -> None:
+        self.open_store()
+        warn_unknown_options()
+
+    def open_store(self) -> RecordStore | None:
+        """Start recording, once: at ``running``, or at the first client if it comes earlier
+        (mitmproxy accepts connections before its ``running`` hook has reached the scripts)."""
+        if self.store is not None or self.stopped:
+            return self.store
         devices = self.config.devices if self.config else ()
         self.saving = bool(ctx.options.save_stream_file)
         self.store = RecordStore(
@@ -182,9 +185,9 @@ class Recorder:
         )
         self.store.start(time.time(), ",".join(ctx.options.mode))
         self.ticker = asyncio.get_running_loop().create_task(self._tick_loop())
-        warn_unknown_options()
         log.info("observer: recording into %s (JSONL in %s)", self.store.directory,
                  self.store.live_dir)
+        return self.store
 
     async def _tick_loop(self) -> None:
         period = min(self.bin_s, 5.0)
@@ -199,6 +202,7 @@ class Recorder:
 
     @guarded
     def done(self) -> None:
+        self.stopped = True
         if self.ticker is not None:
             self.ticker.cancel()
         if self.store is None:
@@ -215,7 +219,7 @@ class Recorder:
 
     @guarded
     def client_connected(self, client: Any) -> None:
-        if self.store is None:
+        if self.open_store() is None:
             return
         traffic = Traffic(self.store.bin_s, track_flow_bins=self.saving)
         peer = client.peername or (None, None)
@@ -241,9 +245,8 @@ class Recorder:
         rec = self.record_of(nextlayer.context.client)
         if rec is None or rec.client_hello_seen:
             return
-        hello = client_hello_of(nextlayer.data_client())
-        if hello is not None:
-            sni, _ = hello
+        seen, sni = client_hello_sni(nextlayer.data_client())
+        if seen:
             rec.client_hello_seen = True
             rec.name(sni, "sni")
             if rec.tls == "none":
@@ -305,7 +308,7 @@ class Recorder:
         if rec is None or self.store is None:
             return
         rec.ts_end = client.timestamp_end
-        rec.close_reason = close_reason(rec.traffic.closed_by, client.error, idle=True)
+        rec.close_reason = close_reason(rec.traffic.closed_by, client.error)
         self.store.finish(client.id, rec)
 
     def snapshot(self, flow: Any) -> dict[str, Any] | None:

@@ -6,7 +6,7 @@ them from saved flows, so live and replayed records are built by the same code.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from observer.sources.proxy.traffic import Traffic
@@ -60,7 +60,6 @@ class ConnRecord:
     tls_error: str | None = None
     close_reason: str | None = None
     client_hello_seen: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def name(self, name: str | None, source: str) -> None:
         """Adopt ``name`` unless a better-ranked source already named the server."""
@@ -99,10 +98,9 @@ class ConnRecord:
         }
 
 
-def close_reason(closed_by: str | None, error: str | None, idle: bool) -> str:
-    """Who ended a connection: client | server | error | idle."""
+def close_reason(closed_by: str | None, error: str | None) -> str:
+    """Who ended a connection: client | server (closed first), error, or idle (neither closed:
+    mitmproxy dropped it after ``tcp_timeout``)."""
     if closed_by:
         return closed_by
-    if error:
-        return "error"
-    return "idle" if idle else "error"
+    return "error" if error else "idle"
