@@ -4,4 +4,4 @@ __version__ = "0.1.0"
 
 
 class ObserverError(Exception):
-    """An error with a message meant for people; the CLI prints it on one line and exits non-zero."""
+    """An error meant for people: the CLI prints it on one line and exits non-zero."""

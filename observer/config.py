@@ -13,9 +13,8 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-import yaml
-
 from observer import ObserverError
+from observer.yamlfile import located_error, parse_yaml
 
 MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 DEVICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -63,22 +62,6 @@ class LabConfig:
         return None
 
 
-def _lines(node: yaml.Node, path: str = "", out: dict[str, int] | None = None) -> dict[str, int]:
-    """Map dotted key paths (``devices.0.ips``) to 1-based file lines."""
-    out = {} if out is None else out
-    out[path] = node.start_mark.line + 1
-    if isinstance(node, yaml.MappingNode):
-        for key, value in node.value:
-            child = f"{path}.{key.value}" if path else str(key.value)
-            out[child] = key.start_mark.line + 1
-            _lines(value, child, out)
-            out[child] = key.start_mark.line + 1
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            _lines(item, f"{path}.{i}" if path else str(i), out)
-    return out
-
-
 class _Checker:
     """Collects typed values from the parsed YAML, raising errors that cite the file line."""
 
@@ -87,12 +70,7 @@ class _Checker:
         self.lines = lines
 
     def fail(self, key: str, message: str) -> ObserverError:
-        line = self.lines.get(key)
-        while line is None and "." in key:
-            key = key.rsplit(".", 1)[0]
-            line = self.lines.get(key)
-        where = f"{self.path}:{line}" if line else str(self.path)
-        return ObserverError(f"{where}: {key}: {message}")
+        return located_error(str(self.path), self.lines, key, message)
 
     def number(self, data: dict, key: str, prefix: str, default: float, *, positive=True) -> float:
         if key not in data:
@@ -123,17 +101,10 @@ def load_config(path: str | Path) -> LabConfig:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ObserverError(f"cannot read config {path}: {exc.strerror or exc}") from None
-    try:
-        data = yaml.safe_load(text)
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ObserverError(f"{where}: not valid YAML: {problem}") from None
+    data, lines = parse_yaml(text, str(path))
     if data is None:
         return LabConfig(path=path)
-    check = _Checker(path, _lines(node) if node is not None else {})
+    check = _Checker(path, lines)
     data = check.mapping(data, "")
     check.unknown(
         data,

@@ -16,10 +16,9 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-import yaml
-
 from observer import ObserverError
 from observer.config import MAC, Device, LabConfig
+from observer.yamlfile import located_error, parse_yaml
 
 BUNDLED_DIR = Path(__file__).with_name("scenarios")
 MAX_UPLOAD = 2e9  # bytes; one upload's packets are generated at once, so this bounds memory
@@ -154,38 +153,16 @@ def load_scenario(path: str | Path | None = None) -> Scenario:
         raise ObserverError(
             f"cannot read scenario {path}: {exc.strerror or exc} (bundled scenarios: {known})"
         ) from None
-    try:
-        data = yaml.safe_load(text)
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ObserverError(f"{where}: not valid YAML: {problem}") from None
+    data, lines = parse_yaml(text, str(path))
     if data is None:
         data = {}
     if isinstance(data, dict):
         data.setdefault("name", path.stem)
-    return Scenario.from_dict(data, name=str(path), lines=_lines(node) if node is not None else {})
+    return Scenario.from_dict(data, name=str(path), lines=lines)
 
 
 def bundled_names() -> list[str]:
     return sorted(p.stem for p in BUNDLED_DIR.glob("*.yaml"))
-
-
-def _lines(node: yaml.Node, path: str = "", out: dict[str, int] | None = None) -> dict[str, int]:
-    """Dotted key paths (``jobs.0.at``) -> 1-based line numbers."""
-    out = {} if out is None else out
-    out.setdefault(path, node.start_mark.line + 1)
-    if isinstance(node, yaml.MappingNode):
-        for key, value in node.value:
-            child = f"{path}.{key.value}" if path else str(key.value)
-            out[child] = key.start_mark.line + 1
-            _lines(value, child, out)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            _lines(item, f"{path}.{i}" if path else str(i), out)
-    return out
 
 
 class _Parser:
@@ -196,14 +173,7 @@ class _Parser:
         self.lines = lines
 
     def fail(self, key: str, message: str) -> ObserverError:
-        line, probe = None, key
-        while probe:
-            line = self.lines.get(probe)
-            if line is not None or "." not in probe:
-                break
-            probe = probe.rsplit(".", 1)[0]
-        where = f"{self.source}:{line}" if line else self.source
-        return ObserverError(f"{where}: {key}: {message}")
+        return located_error(self.source, self.lines, key, message)
 
     def mapping(self, value: Any, key: str, known: set[str]) -> dict:
         if value is None:
