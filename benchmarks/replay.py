@@ -15,7 +15,9 @@ interpreter start-up and imports (~0.5 s of numpy, pandas, pyarrow).  Wall secon
 them.  Peak RSS is each process's own maximum resident set.  Medians of ``--runs`` runs.
 
     .venv/bin/python benchmarks/replay.py [--sizes 200000 2000000 20000000] [--runs 3]
-        [--scapy-seconds 20] [--tshark-max 2000000] [--keep]
+        [--scapy-seconds 20] [--tshark-max 2000000] [--keep] [--only-ours]
+
+``--only-ours`` runs only our reader (speed and peak RSS; the peers' columns are left out).
 
 tshark keeps ~600 bytes per packet (docs/performance.md), so by default it is not run on files
 above ``--tshark-max`` packets (the 20M file would need ~12 GB on a shared machine).
@@ -131,6 +133,8 @@ def main() -> int:
     parser.add_argument("--scapy-seconds", type=float, default=20.0)
     parser.add_argument("--tshark-max", type=int, default=2_000_000)
     parser.add_argument("--keep", action="store_true", help="keep the large capture files")
+    parser.add_argument("--only-ours", action="store_true",
+                        help="run only our reader (no tshark, no scapy loop)")
     args = parser.parse_args()
     if not shutil.which("editcap"):
         raise SystemExit("editcap (part of tshark/wireshark-common) is needed to cut the files")
@@ -150,12 +154,14 @@ def main() -> int:
                 ours.append(r)
         packets = ours[0]["packets"]
         shark = []
-        if tshark and size <= args.tshark_max:
+        if tshark and size <= args.tshark_max and not args.only_ours:
             for _ in range(runs):
                 shark.append(run([tshark, "-q", "-n", "-z", "conv,tcp", "-z", "conv,udp", "-r",
                                   str(path)], env=dict(os.environ, LC_ALL="C")))
-        scapy = run([PYTHON, "-c", SCAPY, str(path), str(args.scapy_seconds)], env=env)
-        scapy.update(json.loads(scapy["out"]))
+        scapy = {"packets": 0, "cpu": 0.0, "rss": 0.0}
+        if not args.only_ours:
+            scapy = run([PYTHON, "-c", SCAPY, str(path), str(args.scapy_seconds)], env=env)
+            scapy.update(json.loads(scapy["out"]))
         row = {
             "packets": packets, "mb": mb, "connections": ours[0]["connections"],
             "ours_cpu": median(ours, "cpu"), "ours_wall": median(ours, "wall"),
@@ -164,7 +170,8 @@ def main() -> int:
             "tshark_cpu": median(shark, "cpu") if shark else None,
             "tshark_wall": median(shark, "wall") if shark else None,
             "tshark_rss": max(r["rss"] for r in shark) if shark else None,
-            "scapy_rate": scapy["packets"] / scapy["cpu"], "scapy_prefix": scapy["packets"],
+            "scapy_rate": scapy["packets"] / scapy["cpu"] if scapy["cpu"] else None,
+            "scapy_prefix": scapy["packets"],
             "scapy_rss": scapy["rss"],
         }
         rows.append(row)
@@ -188,7 +195,7 @@ def print_row(r: dict, **kw) -> None:
     print(f"{r['packets']:>11,} pkts {r['mb']:8.0f} MB | ours {r['ours_cpu']:.2f} cpu-s "
           f"{r['ours_wall']:.2f} wall-s {r['ours_rss']:.0f} MB | tshark "
           f"{r['tshark_cpu'] or 0:.2f} cpu-s {r['tshark_rss'] or 0:.0f} MB | scapy "
-          f"{r['scapy_rate']:,.0f}/s", **kw)
+          f"{r['scapy_rate'] or 0:,.0f}/s", **kw)
 
 
 def table(rows: list[dict]) -> str:
@@ -206,9 +213,10 @@ def table(rows: list[dict]) -> str:
             f"{r['ours_rss']:.0f} MB | "
             + (f"{t_rate:,.0f} | {r['tshark_wall']:.1f} | {r['tshark_rss']:.0f} MB | "
                if t_rate else "not run | - | - | ")
-            + f"{r['scapy_rate']:,.0f} ({r['scapy_prefix']:,} pkts) | {r['scapy_rss']:.0f} MB | "
+            + (f"{r['scapy_rate']:,.0f} ({r['scapy_prefix']:,} pkts) | {r['scapy_rss']:.0f} MB | "
+               if r["scapy_rate"] else "not run | - | ")
             + (f"{ours_rate / t_rate:.1f}x | " if t_rate else "- | ")
-            + f"{ours_rate / r['scapy_rate']:.0f}x |")
+            + (f"{ours_rate / r['scapy_rate']:.0f}x |" if r["scapy_rate"] else "- |"))
     return "\n".join(lines)
 
 

@@ -7,6 +7,7 @@ import gzip
 import struct
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from scapy.layers.dns import DNS, DNSQR, DNSRR
 from scapy.layers.inet import IP, TCP, UDP, fragment
@@ -489,3 +490,87 @@ def test_damaged_gzip_keeps_the_packets_before_the_damage(tmp_path):
     assert 0 < stats.packets < len(packets) and 50 < len(conns) < 300
     assert len(stats.errors) == 1 and stats.errors[0].startswith(
         f"{path}: compressed stream ends early at decompressed byte offset")
+
+
+def test_directory_stands_for_its_captures_in_name_order(tmp_path):
+    """A capture directory (rotated files, one gzipped, a sessions JSONL and a dotfile beside them)
+    replays its captures in name order: a connection spanning them stays one."""
+    ring = tmp_path / "captures" / "phone"
+    ring.mkdir(parents=True)
+    packets = tcp_conv(up=(100, 200, 300), down=(1000, 50))
+    write(ring / "phone-20231114T221320Z-0002.pcap", packets[5:], linktype=101)
+    first = write(tmp_path / "first.pcap", packets[:5], linktype=101)
+    (ring / "phone-20231114T221320Z-0001.pcap.gz").write_bytes(gzip.compress(first.read_bytes()))
+    (ring / "sessions-phone.jsonl").write_text('{"table": "sessions"}\n')
+    (ring / ".partial.pcap").write_bytes(b"\x00" * 10)
+    stats = ReplayStats()
+    tables = replay_tables([tmp_path / "captures"], stats=stats)
+    assert stats.errors == [] and stats.files == 2
+    row = only(tables["connections"], proto="tcp")
+    assert (row.packets_up, row.bytes_up, row.bytes_down) == (7, 600, 1050)
+    assert list(tables["sessions"]["interface"]) == [
+        "phone-20231114T221320Z-0001.pcap.gz", "phone-20231114T221320Z-0002.pcap"]
+
+
+def test_directory_without_captures_or_logs_is_a_one_line_error(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    (empty / "sub").mkdir(parents=True)
+    (empty / "sub" / "notes.txt").write_text("hello\n")
+    assert main(["replay", str(empty), "-o", str(tmp_path / "rec"), "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {empty}: directory holds no capture files (pcap, pcapng, gzip) "
+                   "and no Zeek logs or JSONL records"]
+
+
+def test_finished_connections_written_during_the_run_equal_one_pass(tmp_path, monkeypatch):
+    """Handing out finished connections, complete bins and DNS rows every batch (tiny batches)
+    gives the same tables as holding everything to the end: closed TCP, a reused 5-tuple, UDP
+    split by idle time, a long-lived connection, a DNS name used much later, two files."""
+    import observer.sources.pcapfile as pcapfile
+    import observer.sources.pipeline as pipeline
+
+    dns = IP(src="10.0.0.1", dst=CLIENT) / UDP(sport=53, dport=3333) / DNS(
+        id=1, qr=1, qd=DNSQR(qname="media.example.org"),
+        an=[DNSRR(rrname="media.example.org", type="A", rdata="203.0.113.9", ttl=30)])
+    dns.time = T0 - 1
+    packets = [dns]
+    for i in range(40):
+        packets += tcp_conv(cport=41000 + i, s="203.0.113.9" if i % 2 else SERVER,
+                            t0=T0 + i * 200, close="rst" if i % 5 == 0 else "fin")
+    packets += tcp_conv(cport=42000, t0=T0) + tcp_conv(cport=42000, t0=T0 + 1000)
+    for k, t in enumerate([*range(0, 600, 50), *range(3000, 3300, 50)]):
+        p = IP(src=CLIENT, dst="192.0.2.7") / UDP(sport=5000, dport=443) / Raw(b"q" * (k + 1))
+        p.time = T0 + t
+        packets.append(p)
+    long_lived = tcp_conv(cport=43000, up=(), down=(), close=None)
+    for k in range(1, 140):
+        p = IP(src=SERVER, dst=CLIENT) / TCP(sport=443, dport=43000, flags="PA") / Raw(b"h" * k)
+        p.time = T0 + 60 * k
+        long_lived.append(p)
+    packets = sorted(packets + long_lived, key=lambda p: float(p.time))
+    half = len(packets) // 2
+    files = [write(tmp_path / "a.pcap", packets[:half], linktype=101),
+             write(tmp_path / "b.pcap", packets[half:], linktype=101)]
+    whole = replay_tables(files)
+
+    drops = []
+    drop = pipeline.Tracker.drop
+    monkeypatch.setattr(pipeline.Tracker, "drop", lambda self, rows: (
+        drops.append(rows.size), drop(self, rows)))
+    monkeypatch.setattr(pipeline, "FLUSH_ROWS", 0)
+    monkeypatch.setattr(pipeline, "CHECK_BATCHES", 1)
+    monkeypatch.setattr(pcapfile, "BATCH_BYTES", 2048)
+    parts = replay_tables(files)
+    assert len(drops) > 20 and sum(n > 0 for n in drops[:-1]) > 10  # flushed during the run
+    keys = {"connections": ["conn_id"], "activity": ["conn_id", "ts_bin"],
+            "dns": ["ts", "answer"], "sessions": ["session_id"]}
+    for name, key in keys.items():
+        a = whole[name].sort_values(key).reset_index(drop=True)
+        b = parts[name].sort_values(key).reset_index(drop=True)
+        pd.testing.assert_frame_equal(a, b)
+    conns = whole["connections"]
+    assert len(conns) == 40 + 2 + 2 + 1 + 1 and conns["conn_id"].is_unique  # + the DNS flow
+    assert (conns["server_name"] == "media.example.org").sum() == 20
+    assert only(conns, client_port=43000).close_reason == "end-of-capture"
+    assert len(whole["activity"][whole["activity"]["conn_id"] == only(
+        conns, client_port=43000).conn_id]) > 100

@@ -54,6 +54,9 @@ def run(args: argparse.Namespace) -> int:
     for f in notable:
         print(f"{VERDICT_MARK.get(f['verdict'], ' '):>2} {f['summary']}")
     quiet = len(findings["findings"]) - len(notable)
+    if args.config is None:
+        print("note: no --config given, so 'local time' above is UTC; pass the lab config "
+              "for the device owner's time zone")
     print(f"{len(notable)} notable group(s), {quiet} without bulk uploads or heartbeats; "
           f"findings: {path}")
     return 0

@@ -15,7 +15,9 @@ from pathlib import Path
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("files", nargs="+", type=Path, metavar="FILE",
-                        help="capture files or logs, in time order for rotated captures")
+                        help="capture files or logs, in time order for rotated captures; a "
+                        "directory stands for the capture files under it in name order (as "
+                        "`observer capture` rotates them), else for its Zeek logs or JSONL records")
     parser.add_argument("-o", "--output", type=Path, required=True, metavar="RECORDS_DIR",
                         help="records directory to write (Parquet, partitioned by device and day)")
     parser.add_argument("--config", type=Path, metavar="LAB_YAML",

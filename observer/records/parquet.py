@@ -12,6 +12,7 @@ import shutil
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.dataset as ds
@@ -46,9 +47,11 @@ def write_table(root: str | Path, table: str, df: pd.DataFrame, *, overwrite: bo
     df = conform(table, df)
     if df.empty:
         return 0
-    day = pd.to_datetime(df[TIME_COLUMN[table]], unit="s", utc=True).dt.strftime("%Y-%m-%d")
+    seconds = df[TIME_COLUMN[table]].to_numpy(dtype="float64", na_value=np.nan)
+    days = np.floor(seconds / 86400).astype("datetime64[D]").astype(str)  # NaT -> "NaT"
     parted = df.assign(
-        device=df["device"].fillna("unknown").astype(str), day=day.fillna("unknown").astype(str)
+        device=df["device"].fillna("unknown").astype(str),
+        day=np.where(np.isnan(seconds), "unknown", days),
     )
     arrow = pa.Table.from_pandas(parted, preserve_index=False)
     ds.write_dataset(

@@ -11,6 +11,7 @@ the analysis converts them; "up" is device -> server (client -> server), "down" 
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 
 SCHEMA_VERSION = 1
@@ -136,10 +137,26 @@ def conform(table: str, df: pd.DataFrame) -> pd.DataFrame:
     if extra:
         unknown = ", ".join(map(str, extra))
         raise ObserverError(f"table {table}: columns not in the schema: {unknown}")
-    out = pd.DataFrame(index=df.index)
-    for name, dtype in columns.items():
-        if name in df.columns:
-            out[name] = df[name].astype(dtype)
-        else:
-            out[name] = pd.Series(None, index=df.index, dtype=dtype)
-    return out.reset_index(drop=True)
+    n = len(df)
+    # Build all columns first and the frame once: inserting columns one by one is ~5x slower,
+    # and replay conforms thousands of slices.
+    return pd.DataFrame(
+        {
+            name: (
+                df[name].reset_index(drop=True).astype(dtype)
+                if name in df.columns
+                else _missing(dtype, n)
+            )
+            for name, dtype in columns.items()
+        },
+        index=pd.RangeIndex(n),
+    )
+
+
+def _missing(dtype: str, n: int) -> pd.Series:
+    """A column of ``n`` nulls, built from numpy arrays (the generic constructor is slow)."""
+    if dtype == F64:
+        return pd.Series(np.full(n, np.nan))
+    if dtype == I64:
+        return pd.Series(pd.arrays.IntegerArray(np.zeros(n, np.int64), np.ones(n, bool)))
+    return pd.Series(np.full(n, None, dtype=object), dtype=dtype)

@@ -2,8 +2,10 @@
 
 Packets are grouped by their direction-free 5-tuple (a flow), and a flow is split into connections
 where TCP starts again (a SYN after a FIN or RST) or a UDP flow idles longer than the timeout.
-State carried between batches and files is one row per flow and one per connection, so memory grows
-with the number of connections, not packets.
+State carried between batches and files is one row per flow and one per live connection: finished
+connections (``finished``) are handed out with their activity rows and dropped (``drop``), so memory
+follows the connections open at a time, not the length of the capture.  Connections keep a serial
+number for the whole run (what ``add`` returns), their row index changes when others are dropped.
 """
 
 from __future__ import annotations
@@ -54,6 +56,15 @@ class _Table:
         self.n = need
         return ids
 
+    def keep(self, rows: np.ndarray) -> None:
+        """Keep only ``rows`` (in order), shrinking the arrays."""
+        size = max(1024, rows.size + rows.size // 2)
+        for name, col in self.cols.items():
+            kept = np.full(size, self.fill[name], col.dtype)
+            kept[: rows.size] = col[rows]
+            self.cols[name] = kept
+        self.n = rows.size
+
     def __getitem__(self, name: str) -> np.ndarray:
         return self.cols[name]
 
@@ -80,16 +91,20 @@ class Tracker:
         self.flows = _Table(a_hi=(np.uint64, 0), a_lo=(np.uint64, 0), a_port=(np.int64, 0),
                             b_hi=(np.uint64, 0), b_lo=(np.uint64, 0), b_port=(np.int64, 0),
                             udp=(bool, False), conn=(np.int64, -1), closed=(bool, False),
-                            last_ts=(np.float64, 0.0))
+                            last_ts=(np.float64, 0.0), hash=(np.uint64, 0))
         self.conns = _Table(flow=(np.int64, 0), client_b=(bool, False),
                             ts_start=(np.float64, np.inf), ts_end=(np.float64, -np.inf),
                             packets_up=(np.int64, 0), packets_down=(np.int64, 0),
                             bytes_up=(np.int64, 0), bytes_down=(np.int64, 0),
                             wire_up=(np.int64, 0), wire_down=(np.int64, 0),
                             fin=(bool, False), rst=(bool, False), superseded=(bool, False),
-                            app=(np.int64, -1))
+                            app=(np.int64, -1), serial=(np.int64, -1), cid=(np.uint64, 0),
+                            issued=(bool, False), tied=(bool, False))
         self.apps: dict[int, str] = {}
-        self._activity: list[np.ndarray] = []
+        self._activity: list[np.ndarray] = []  # rows: serial, bin, bytes up/down, packets up/down
+        self._issued = np.zeros(0, np.uint64)  # every id hash handed out (8 bytes a connection)
+        self._serials = 0
+        self._summed = True
         self.packets = 0
 
     # -- per batch ---------------------------------------------------------------------------
@@ -155,6 +170,8 @@ class Tracker:
         seg_gid[cont] = existing[np.searchsorted(gs, seg_pos[cont])]
         new_pos = seg_pos[seg_new]
         new_ids = self.conns.append(new_pos.size)
+        self.conns["serial"][new_ids] = np.arange(self._serials, self._serials + new_ids.size)
+        self._serials += new_ids.size
         seg_gid[seg_new] = new_ids
         self._open(new_ids, ffid[new_pos], flags[new_pos], udp[new_pos], sender_a[new_pos])
         # a connection replaced by a new one on the same flow ended there
@@ -192,17 +209,17 @@ class Tracker:
         f["closed"][fid] = lc_end > ls_end
         f["last_ts"][fid] = ts[ge]
 
-        gid_sorted = seg_gid[seg_of]
-        self._bins(ts, seg_start, gid_sorted, up, payload)
+        serial_sorted = c["serial"][seg_gid][seg_of]
+        self._bins(ts, seg_start, serial_sorted, up, payload)
         gid = np.empty(n, np.int64)
-        gid[order] = gid_sorted
+        gid[order] = seg_gid[seg_of]
         up_out = np.empty(n, bool)
         up_out[order] = up
         if pk.apps:
             self.apps.update(pk.apps)
             tagged = pk.uid >= 0
             c["app"][gid[tagged]] = pk.uid[tagged]
-        return gid, up_out
+        return c["serial"][gid], up_out
 
     def _group(self, key: dict[str, np.ndarray]) -> np.ndarray:
         """Dense group codes of equal keys; a hash, checked exactly, with a slow exact fallback."""
@@ -235,6 +252,7 @@ class Tracker:
             fid[new] = ids
             for name, values in rep.items():
                 self.flows[name][ids] = values[new]
+            self.flows["hash"][ids] = np.array(hashes, np.uint64)[new]
             for i, j in zip(ids.tolist(), new.tolist(), strict=True):
                 if index.setdefault(hashes[j], i) != i:
                     exact[tuple(int(v[j]) for v in rep.values())] = i
@@ -265,43 +283,92 @@ class Tracker:
         b_all = np.add.reduceat(payload, at)
         self._activity.append(
             np.stack([gid[at], bins[at], b_up, b_all - b_up, p_up, length - p_up]))
+        self._summed = False
 
     # -- results -----------------------------------------------------------------------------
-    def _ends(self) -> tuple[np.ndarray, ...]:
-        """Client and server address, port and protocol of every connection."""
+    def ends(self, rows: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Client and server address, port and protocol of connections ``rows``."""
         c, f = self.conns, self.flows
-        fid = c.view("flow")
-        cb = c.view("client_b")
+        fid = c["flow"][rows]
+        cb = c["client_b"][rows]
         pick = lambda a, b: np.where(cb, f[b][fid], f[a][fid])  # noqa: E731
         return (pick("a_hi", "b_hi"), pick("a_lo", "b_lo"), pick("a_port", "b_port"),
                 pick("b_hi", "a_hi"), pick("b_lo", "a_lo"), pick("b_port", "a_port"),
                 f["udp"][fid])
 
-    def conn_ids(self) -> np.ndarray:
-        """Deterministic ids as 64-bit hashes of the 5-tuple and the start (microseconds); see
-        ``id_text``, which makes the rare equal ones unique."""
-        stamp = np.round(self.conns.view("ts_start") * 1e6).astype(np.int64)
-        return mix(*self._ends(), stamp)
+    # -- finished connections ------------------------------------------------------------------
+    def finished(self, now: float, tcp_quiet_s: float) -> np.ndarray:
+        """Rows of connections that can take no more packets by ``now``: replaced on their flow,
+        UDP idle past the timeout, TCP closed (FIN or RST) and quiet for ``tcp_quiet_s``."""
+        c = self.conns
+        quiet = now - c.view("ts_end")
+        udp = self.flows["udp"][c.view("flow")]
+        closed = c.view("fin") | c.view("rst")
+        done = c.view("superseded") | np.where(udp, quiet > self.udp_idle_s,
+                                                closed & (quiet > tcp_quiet_s))
+        return np.flatnonzero(done)
 
-    @staticmethod
-    def id_text(ids: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        """``pcap-<hash>`` for connections ``rows``, with the index appended where hashes tie."""
-        text = np.array([f"pcap-{h:016x}" for h in ids[rows].tolist()], object)
-        values, counts = np.unique(ids, return_counts=True)
-        tied = np.isin(ids[rows], values[counts > 1])
-        for i in np.flatnonzero(tied).tolist():
-            text[i] = f"{text[i]}-{rows[i]}"
+    def serials(self, rows: np.ndarray) -> np.ndarray:
+        return self.conns["serial"][rows]
+
+    def drop(self, rows: np.ndarray) -> None:
+        """Forget connections ``rows`` (already handed out), and the flows they were last on."""
+        c, f = self.conns, self.flows
+        keep = np.ones(c.n, bool)
+        keep[rows] = False
+        flow_gone = np.zeros(f.n, bool)
+        flows = c["flow"][rows]
+        flow_gone[flows[f["conn"][flows] == rows]] = True
+        conn_at = np.cumsum(keep) - 1
+        flow_at = np.cumsum(~flow_gone) - 1
+        c.keep(np.flatnonzero(keep))
+        f.keep(np.flatnonzero(~flow_gone))
+        c.view("flow")[:] = flow_at[c.view("flow")]
+        f.view("conn")[:] = conn_at[f.view("conn")]
+        index = dict(zip(f.view("hash").tolist(), range(f.n), strict=True))
+        self.flow_exact = {}
+        if len(index) < f.n:  # a hash shared by two live flows: the later ones go exact
+            index = {}
+            for i, h in enumerate(f.view("hash").tolist()):
+                if index.setdefault(h, i) != i:
+                    self.flow_exact[tuple(int(f[k][i]) for k in KEYS)] = i
+        self.flow_index = index
+
+    def issue(self, rows: np.ndarray) -> None:
+        """Fix the ids of connections ``rows``: a 64-bit hash of the 5-tuple and the start in
+        microseconds; a hash already handed out in this run gets the serial appended."""
+        c = self.conns
+        rows = rows[~c["issued"][rows]]
+        if not rows.size:
+            return
+        stamp = np.round(c["ts_start"][rows] * 1e6).astype(np.int64)
+        ids = mix(*self.ends(rows), stamp)
+        uniq, first = np.unique(ids, return_index=True)
+        tied = np.ones(rows.size, bool)
+        tied[first] = False
+        tied |= np.isin(ids, self._issued)
+        self._issued = np.union1d(self._issued, uniq)
+        c["cid"][rows], c["tied"][rows], c["issued"][rows] = ids, tied, True
+
+    def id_text(self, rows: np.ndarray) -> np.ndarray:
+        """``pcap-<hash>`` (``-<serial>`` after it for a repeated hash) of issued ``rows``."""
+        c = self.conns
+        text = np.array([f"pcap-{h:016x}" for h in c["cid"][rows].tolist()], object)
+        for i in np.flatnonzero(c["tied"][rows]).tolist():
+            text[i] = f"{text[i]}-{c['serial'][rows[i]]}"
         return text
 
-    def connections(self, ids: np.ndarray, rows: slice, *, capture_end: float) -> pd.DataFrame:
-        """Connections ``rows`` in schema column names (names are filled in by the caller)."""
+    def _device(self, hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
+        device = address_strings(hi, lo)
+        for (dev_hi, dev_lo), name in self.devices.items():
+            device[(hi == dev_hi) & (lo == dev_lo)] = name
+        return device
+
+    def connections(self, rows: np.ndarray, *, capture_end: float) -> pd.DataFrame:
+        """Connections ``rows`` (issued) in schema column names; the caller fills in names."""
         c = self.conns
-        c_hi, c_lo, c_port, s_hi, s_lo, s_port, udp = (a[rows] for a in self._ends())
-        view = lambda name: c.view(name)[rows]  # noqa: E731
-        client_ip = address_strings(c_hi, c_lo)
-        device = client_ip.copy()
-        for (hi, lo), name in self.devices.items():
-            device[(c_hi == hi) & (c_lo == lo)] = name
+        c_hi, c_lo, c_port, s_hi, s_lo, s_port, udp = self.ends(rows)
+        view = lambda name: c[name][rows]  # noqa: E731
         ts_end = view("ts_end")
         idle = udp & (view("superseded") | (capture_end - ts_end > self.udp_idle_s))
         close = np.where(view("rst"), "rst", np.where(view("fin"), "fin", "end-of-capture"))
@@ -310,10 +377,10 @@ class Tracker:
         known = np.unique(app)
         names = np.array([self.apps.get(u) for u in known.tolist()] + [None], object)
         return pd.DataFrame({
-            "conn_id": self.id_text(ids, np.arange(rows.start, rows.stop)), "source": "pcap",
-            "device": device,
+            "conn_id": self.id_text(rows), "source": "pcap",
+            "device": self._device(c_hi, c_lo),
             "proto": np.where(udp, "udp", "tcp"),
-            "client_ip": client_ip, "client_port": c_port,
+            "client_ip": address_strings(c_hi, c_lo), "client_port": c_port,
             "server_ip": address_strings(s_hi, s_lo), "server_port": s_port,
             "ts_start": view("ts_start"), "ts_end": ts_end,
             "bytes_up": view("bytes_up"), "bytes_down": view("bytes_down"),
@@ -322,22 +389,35 @@ class Tracker:
             "close_reason": close, "app": names[np.searchsorted(known, app)],
         })
 
-    def activity(self, ids: np.ndarray, device: np.ndarray, size: int
-                 ) -> Iterator[pd.DataFrame]:
-        """Bytes and packets per connection per bin, ``size`` rows at a time (a connection's bin
-        split across batches is summed into one row)."""
-        rows = (np.concatenate(self._activity, axis=1) if self._activity
-                else np.zeros((6, 0), np.int64))
-        self._activity = []
-        rows = rows[:, np.lexsort((rows[1], rows[0]))]
-        if rows.shape[1]:
+    def pending_activity(self) -> int:
+        """Activity rows held, after summing each connection's bin into one row."""
+        if len(self._activity) > 1 or (self._activity and not self._summed):
+            rows = np.concatenate(self._activity, axis=1)
+            rows = rows[:, np.lexsort((rows[1], rows[0]))]
             start = np.flatnonzero(np.concatenate(
                 ([True], (rows[0, 1:] != rows[0, :-1]) | (rows[1, 1:] != rows[1, :-1]))))
-            rows = np.concatenate([rows[:2, start], np.add.reduceat(rows[2:], start, axis=1)])
-        for at in range(0, max(rows.shape[1], 1), size):
-            part = rows[:, at : at + size]
+            self._activity = [np.concatenate([rows[:2, start],
+                                              np.add.reduceat(rows[2:], start, axis=1)])]
+            self._summed = True
+        return self._activity[0].shape[1] if self._activity else 0
+
+    def activity(self, done: np.ndarray, before_bin: float, size: int) -> Iterator[pd.DataFrame]:
+        """Activity rows of connections ``done`` (serials) and, for the others, of bins that
+        start before ``before_bin`` (a bin number); ``size`` rows at a time.  The rest is kept."""
+        if not self.pending_activity():
+            return
+        rows = self._activity[0]
+        out = np.isin(rows[0], done) | (rows[1] < before_bin)
+        self._activity = [rows[:, ~out]] if not out.all() else []
+        rows = rows[:, out]
+        rows = rows[:, np.argsort(rows[1], kind="stable")]  # in time order: few days a slice
+        at = np.searchsorted(self.conns.view("serial"), rows[0])
+        self.issue(np.unique(at))
+        for start in range(0, rows.shape[1], size):
+            part, local = rows[:, start : start + size], at[start : start + size]
+            ends = self.ends(local)
             yield pd.DataFrame({
-                "conn_id": self.id_text(ids, part[0]), "device": device[part[0]],
+                "conn_id": self.id_text(local), "device": self._device(ends[0], ends[1]),
                 "ts_bin": part[1] * self.bin_s, "bin_s": float(self.bin_s),
                 "bytes_up": part[2], "bytes_down": part[3],
                 "packets_up": part[4], "packets_down": part[5],

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from observer.sources.decode import Packets
-from observer.sources.flows import address_strings
+from observer.sources.flows import address_key, address_strings
 from observer.sources.pcapfile import words
 
 HTTP_METHODS = [int.from_bytes(m.encode()[:4], "big") for m in
@@ -25,6 +25,11 @@ HTTP_METHODS = [int.from_bytes(m.encode()[:4], "big") for m in
 QUIC_V1 = 0x00000001
 QUIC_V1_SALT = bytes.fromhex("38762cf7f55934b34d179ae6a4c80cadccbb7f0a")
 MAX_HELLO = 1 << 16  # stop collecting a ClientHello that never completes
+# A DNS answer names connections to its address for this long after it was seen (a day: longer
+# than the TTLs phones' resolvers honour); older answers are forgotten so memory stays flat.
+DNS_HORIZON_S = 86_400.0
+ANSWER_COLUMNS = {"ts": np.float64, "c_hi": np.uint64, "c_lo": np.uint64, "s_hi": np.uint64,
+                  "s_lo": np.uint64, "name": object}
 
 
 @dataclass
@@ -48,6 +53,9 @@ class Namer:
         self.pending: dict[int, _Pending] = {}
         self.skipped: Counter[str] = Counter()
         self._dns_parts: list[tuple[np.ndarray, ...]] = []  # ts, client hi, lo, ttl, texts
+        self._mapped = 0  # parts already in the answer map
+        self.answers = pd.DataFrame({k: np.zeros(0, t) for k, t in ANSWER_COLUMNS.items()})
+        self.dns_names: dict[int, str] = {}  # gid -> name of the address from a DNS answer
 
     def scan(self, pk: Packets, gid: np.ndarray, up: np.ndarray) -> None:
         if not len(pk):
@@ -186,9 +194,55 @@ class Namer:
             self._dns_parts.append((pk.ts[idx], pk.dst_hi[idx], pk.dst_lo[idx], where[:, 1],
                                     np.array(text, object).reshape(-1, 3)))
 
+    def pending_dns(self) -> int:
+        return sum(len(p[0]) for p in self._dns_parts)
+
+    def map_answers(self, now: float | None) -> None:
+        """Add the A and AAAA answers parsed since the last call to the answer map, and forget
+        those older than DNS_HORIZON_S before ``now`` (if given)."""
+        frames = [self.answers if now is None else
+                  self.answers.loc[self.answers["ts"] >= now - DNS_HORIZON_S]]
+        for ts, c_hi, c_lo, _ttl, text in self._dns_parts[self._mapped :]:
+            address = np.isin(text[:, 1], ["A", "AAAA"])
+            if not address.any():
+                continue
+            values, inverse = np.unique(text[address, 2].astype(str), return_inverse=True)
+            keys = np.array([address_key(v) for v in values.tolist()], np.uint64).reshape(-1, 2)
+            frames.append(pd.DataFrame({
+                "ts": ts[address], "c_hi": c_hi[address], "c_lo": c_lo[address],
+                "s_hi": keys[inverse.ravel(), 0], "s_lo": keys[inverse.ravel(), 1],
+                "name": text[address, 0]}))
+        self._mapped = len(self._dns_parts)
+        self.answers = pd.concat(frames, ignore_index=True).sort_values("ts", kind="stable")
+
+    def name_from_dns(self, gids: np.ndarray, ts_start: np.ndarray,
+                      ends: tuple[np.ndarray, ...]) -> None:
+        """Remember, for connections ``gids``, the name of the latest DNS answer their client
+        saw for their server's address before they started."""
+        if self.answers.empty or not gids.size:
+            return
+        left = pd.DataFrame({"gid": gids, "ts_start": ts_start,
+                             "c_hi": ends[0], "c_lo": ends[1], "s_hi": ends[3], "s_lo": ends[4]}
+                            ).astype({k: np.uint64 for k in ("c_hi", "c_lo", "s_hi", "s_lo")})
+        merged = pd.merge_asof(left.sort_values("ts_start", kind="stable"), self.answers,
+                               left_on="ts_start", right_on="ts",
+                               by=["c_hi", "c_lo", "s_hi", "s_lo"], direction="backward")
+        hit = merged.dropna(subset=["name"])
+        self.dns_names.update(zip(hit["gid"].tolist(), hit["name"].tolist(), strict=True))
+
+    def forget(self, gids: np.ndarray) -> None:
+        """Drop what is kept for connections that have been written."""
+        for g in gids.tolist():
+            self.names.pop(g, None)
+            self.dns_names.pop(g, None)
+            self.pending.pop(g, None)
+            self.tls.discard(g)
+            self.quic.discard(g)
+
     def dns(self) -> pd.DataFrame:
-        """The DNS answers seen (A, AAAA, CNAME), one row each."""
-        parts = self._dns_parts
+        """The DNS answers (A, AAAA, CNAME) seen since the last call, one row each."""
+        parts = self._dns_parts  # already in the answer map (map_answers runs first)
+        self._dns_parts, self._mapped = [], 0
         if not parts:
             return pd.DataFrame(columns=["ts", "query", "answer_type", "answer", "ttl",
                                          "client_ip"])
