@@ -131,7 +131,12 @@ def test_importer_is_chosen_by_content_not_name(tmp_path):
         assert not imports.sniff(pcap.read_bytes()[:4096], pcap)
     assert not imports.sniff(b'{"entries": []}', tmp_path / "x.har")
     with pytest.raises(ObserverError, match="not a Zeek log, HAR file or PCAPdroid"):
-        imports.read(pcap or tmp_path / names["har"])
+        imports.read(pcap or _write(tmp_path / "noise.bin", b"\x00\x01 not a log\n" * 64))
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
 
 
 def test_damaged_files_give_one_line_errors_or_records_never_a_traceback(tmp_path):
