@@ -156,11 +156,20 @@ def _facts(finding: dict, *, device: bool) -> list[tuple[str, str]]:
         ("Local time", finding.get("phase_local") or "–"),
         ("Spread", human_duration(finding.get("jitter_s")) if finding.get("jitter_s") else "–"),
         ("Typical size", human_bytes(finding.get("typical_bytes"))),
-        ("Occurrences", f"{occ:,} of {exp:,} expected" if occ is not None and exp else f"{occ}"),
+        _occurrences(finding.get("verdict"), occ, exp),
         ("Device", str(finding.get("device") or "–") if device else "–"),
         ("Confidence", confidence),
     ]
     return [(k, v) for k, v in facts if v not in ("–", "None", "at no fixed interval")]
+
+
+def _occurrences(verdict: str | None, occ: int | None, exp: int | None) -> tuple[str, str]:
+    """"6 of 7 expected" for a schedule; a heartbeat's count alone, since its interval wanders
+    (reconnects, Doze) and "2,833 of 2,629 expected" would read as a contradiction."""
+    if verdict == "periodic heartbeat" or occ is None or not exp:
+        return ("Contacts" if verdict == "periodic heartbeat" else "Occurrences", f"{occ:,}"
+                if isinstance(occ, int) else "–")
+    return ("Occurrences", f"{occ:,} of {exp:,} expected")
 
 
 def missed_nights(
