@@ -304,6 +304,26 @@ def test_socks5_intercepted_tls(modes):
     relay.close()
 
 
+def test_socks5_pinned_client_fails_then_passes_through(modes):
+    proxy, upstream, _, ca = modes
+    relay = Relay(proxy.socks_port)
+    sock = socks5_connect(relay, upstream.tls_port)
+    with pytest.raises(ssl.SSLError):
+        tls_request(sock, ca, "pinned.test")
+    sock.close()
+    (failed,) = relay.finished(1)
+    rec = check_socks(proxy, failed, upstream.tls_port)
+    assert (rec["tls"], rec["server_name"]) == ("failed", "pinned.test")
+    assert rec["tls_error"].startswith("client: ")
+    sock = socks5_connect(relay, upstream.tls_port)
+    assert tls_request(sock, ca, "pinned.test").endswith(b"x" * 777)
+    second = next(c for c in relay.finished(2) if c["client_port"] != failed["client_port"])
+    rec = check_socks(proxy, second, upstream.tls_port)
+    assert (rec["tls"], rec["server_name"], rec["name_source"]) == (
+        "passthrough", "pinned.test", "sni")
+    relay.close()
+
+
 def test_reverse_http3(modes):
     proxy, _, h3, _ = modes
     relay = UdpRelay(proxy.h3_port)
