@@ -287,41 +287,46 @@ def free_udp_port() -> int:
         return s.getsockname()[1]
 
 
-class Proxy:
-    """mitmdump in regular mode, plus a DNS mode (as WireGuard mode handles DNS) to FakeDns."""
+class Mitmdump:
+    """A real mitmdump with the telemetry addon on 127.0.0.1, in the given modes; its log is kept
+    and its JSONL records read back. Test modules subclass it for their modes."""
 
-    def __init__(self, tmp: Path, ca: Path, dns_upstream: int) -> None:
+    def __init__(self, tmp: Path, ca: Path, modes: list[str], extra: tuple[str, ...] = ()) -> None:
         self.dir = tmp / "records"
-        self.flows = tmp / "flows.mitm"
-        self.dns_port = free_udp_port()
+        self.mitm_ca = tmp / "conf" / "mitmproxy-ca-cert.pem"
+        args = [str(MITMDUMP), "-s", str(ROOT / "addons" / "telemetry.py"),
+                "--listen-host", "127.0.0.1"]
+        for mode in modes:
+            args += ["--mode", mode]
+        args += ["--set", f"confdir={tmp / 'conf'}",
+                 "--set", f"ssl_verify_upstream_trusted_ca={ca}",
+                 "--set", r"ignore_hosts=^ignored\.test:",
+                 "--set", f"observer_dir={self.dir}",
+                 "--set", "observer_bin_s=1",
+                 "--set", "observer_checkpoint_s=1",
+                 "--set", "flow_detail=0", *extra]
         self.proc = subprocess.Popen(
-            [str(MITMDUMP), "-s", str(ROOT / "addons" / "telemetry.py"),
-             "--listen-host", "127.0.0.1", "--mode", "regular@0",
-             "--mode", f"reverse:dns://127.0.0.1:{dns_upstream}@{self.dns_port}",
-             "--set", f"confdir={tmp / 'conf'}",
-             "--set", f"ssl_verify_upstream_trusted_ca={ca}",
-             "--set", r"ignore_hosts=^ignored\.test:",
-             "--set", f"observer_dir={self.dir}",
-             "--set", "observer_bin_s=1",
-             "--set", "observer_checkpoint_s=1",
-             "--set", "flow_detail=0",
-             "-w", str(self.flows)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp,
+            args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp
         )
         self.log: list[str] = []
-        port = None
         deadline = time.monotonic() + 30
-        while port is None and time.monotonic() < deadline:
+        while self._listening() < len(modes) and time.monotonic() < deadline:
             line = self.proc.stdout.readline()
             if not line:
                 break
             self.log.append(line)
-            if m := re.search(r"HTTP\(S\) proxy listening at 127\.0\.0\.1:(\d+)", line):
-                port = int(m.group(1))
-        assert port, "mitmdump did not start:\n" + "".join(self.log)
-        self.port = port
-        self.mitm_ca = tmp / "conf" / "mitmproxy-ca-cert.pem"
+        assert self._listening() == len(modes), "mitmdump did not start:\n" + "".join(self.log)
         threading.Thread(target=self._drain, daemon=True).start()
+
+    def _listening(self) -> int:
+        return sum("listening at" in line for line in self.log)
+
+    def listening_port(self, pattern: str) -> int:
+        """The port of the server whose start-up line matches ``pattern`` (one group)."""
+        for line in self.log:
+            if m := re.search(pattern, line):
+                return int(m.group(1))
+        raise AssertionError(f"no line matches {pattern!r}:\n" + "".join(self.log))
 
     def _drain(self) -> None:
         for line in self.proc.stdout:
@@ -353,6 +358,20 @@ class Proxy:
                 self.proc.kill()
                 self.proc.wait()
         return self.proc.returncode
+
+
+class Proxy(Mitmdump):
+    """mitmdump in regular mode, plus a DNS mode (as WireGuard mode handles DNS) to FakeDns."""
+
+    def __init__(self, tmp: Path, ca: Path, dns_upstream: int) -> None:
+        self.flows = tmp / "flows.mitm"
+        self.dns_port = free_udp_port()
+        super().__init__(
+            tmp, ca,
+            ["regular@0", f"reverse:dns://127.0.0.1:{dns_upstream}@{self.dns_port}"],
+            ("-w", str(self.flows)),
+        )
+        self.port = self.listening_port(r"HTTP\(S\) proxy listening at 127\.0\.0\.1:(\d+)")
 
 
 @pytest.fixture(scope="module")

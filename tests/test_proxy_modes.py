@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import select
-import signal
 import socket
 import ssl
 import struct
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -24,9 +22,7 @@ from aioquic.h3.connection import H3_ALPN, H3Connection
 from aioquic.h3.events import DataReceived, HeadersReceived
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.events import ProtocolNegotiated
-from test_proxy_e2e import MITMDUMP, ROOT, Relay, Upstream, make_pki, pd_null, tls_request
-
-from observer.sources.proxy import jsonl_import
+from test_proxy_e2e import MITMDUMP, Mitmdump, Relay, Upstream, make_pki, pd_null, tls_request
 
 H3_BODY = 2500  # response body size of the HTTP/3 upstream
 
@@ -146,64 +142,14 @@ class UdpRelay:
 
 # --- mitmdump in SOCKS5 and reverse HTTP/3 modes ----------------------------------------------
 
-class ModesProxy:
+class ModesProxy(Mitmdump):
     def __init__(self, tmp: Path, ca: Path, h3_upstream: int) -> None:
-        self.dir = tmp / "records"
         self.socks_port = free_port(socket.SOCK_STREAM)
         self.h3_port = free_port(socket.SOCK_DGRAM)
-        self.proc = subprocess.Popen(
-            [str(MITMDUMP), "-s", str(ROOT / "addons" / "telemetry.py"),
-             "--listen-host", "127.0.0.1", "--mode", f"socks5@{self.socks_port}",
-             "--mode", f"reverse:http3://127.0.0.1:{h3_upstream}@{self.h3_port}",
-             "--set", f"confdir={tmp / 'conf'}",
-             "--set", f"ssl_verify_upstream_trusted_ca={ca}",
-             "--set", r"ignore_hosts=^ignored\.test:",
-             "--set", f"observer_dir={self.dir}",
-             "--set", "observer_bin_s=1",
-             "--set", "observer_checkpoint_s=1",
-             "--set", "flow_detail=0"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp,
-        )
-        self.log: list[str] = []
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            line = self.proc.stdout.readline()
-            if not line:
-                break
-            self.log.append(line)
-            if sum("listening at" in x for x in self.log) == 2:
-                break
-        assert sum("listening at" in x for x in self.log) == 2, "".join(self.log)
-        threading.Thread(target=self._drain, daemon=True).start()
-
-    def _drain(self) -> None:
-        for line in self.proc.stdout:
-            self.log.append(line)
-
-    def tables(self) -> dict:
-        return jsonl_import.read(self.dir / "live")
-
-    def conn(self, client_port: int, timeout: float = 10, final: bool = True) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if (self.dir / "live").exists():
-                conns = self.tables()["connections"]
-                hit = conns[(conns.client_port == client_port)
-                            & ((conns.close_reason != "open") | (not final))]
-                if len(hit):
-                    return hit.iloc[-1].to_dict()
-            time.sleep(0.1)
-        raise AssertionError(f"no record for client port {client_port}:\n"
-                             + "".join(self.log[-20:]))
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        super().__init__(tmp, ca, [
+            f"socks5@{self.socks_port}",
+            f"reverse:http3://127.0.0.1:{h3_upstream}@{self.h3_port}",
+        ])
 
 
 @pytest.fixture(scope="module")
