@@ -198,23 +198,17 @@ def top_services(flow: pd.DataFrame, must: list[str]) -> list[str]:
     return keep
 
 
+# The columns of the top-endpoints table (first_seen / last_seen are UTC epoch seconds).
+ENDPOINT_COLUMNS = [
+    "name", "named", "service", "organization", "addresses", "connections", "bytes_up",
+    "bytes_down", "first_seen", "last_seen",
+]
+
+
 def endpoints(conns: pd.DataFrame, labels: pd.DataFrame) -> pd.DataFrame:
     """One row per server name (or bare address when a connection had no name), biggest first."""
     if conns.empty:
-        return pd.DataFrame(
-            columns=[
-                "name",
-                "named",
-                "service",
-                "organization",
-                "addresses",
-                "connections",
-                "bytes_up",
-                "bytes_down",
-                "first_seen",
-                "last_seen",
-            ]
-        )
+        return pd.DataFrame(columns=ENDPOINT_COLUMNS)
     named = conns["server_name"].notna() & (conns["server_name"] != "")
     frame = pd.DataFrame(
         {

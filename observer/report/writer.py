@@ -46,18 +46,8 @@ from observer.report.text import (
 )
 
 MAX_EVENT_ROWS = 60
-ENDPOINT_COLUMNS = [
-    "name",
-    "named",
-    "service",
-    "organization",
-    "addresses",
-    "connections",
-    "bytes_up",
-    "bytes_down",
-    "first_seen_utc",
-    "last_seen_utc",
-]
+# The CSV says which clock its times are on.
+CSV_COLUMNS = [f"{c}_utc" if c.endswith("_seen") else c for c in aggregate.ENDPOINT_COLUMNS]
 
 
 def _css() -> str:
@@ -277,7 +267,7 @@ def write_endpoints_csv(table: pd.DataFrame, path: Path) -> None:
     """All endpoints, with spreadsheet formula characters neutralised in every text cell."""
     with path.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
-        writer.writerow(ENDPOINT_COLUMNS)
+        writer.writerow(CSV_COLUMNS)
         for row in table.itertuples(index=False):
             cells = [
                 row.name,
