@@ -39,8 +39,10 @@ def write_table(root: str | Path, table: str, df: pd.DataFrame, *, overwrite: bo
     """Write ``df`` (conformed to the schema) under ``root``; return the number of rows written."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    _check_version(root)
-    (root / META).write_text(json.dumps({"schema_version": SCHEMA_VERSION}))
+    if (root / META).exists():
+        _check_version(root)
+    else:
+        (root / META).write_text(json.dumps({"schema_version": SCHEMA_VERSION}))
     target = root / table
     if overwrite and target.exists():
         shutil.rmtree(target)
