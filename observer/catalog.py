@@ -13,15 +13,14 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-import yaml
-
-from observer import ObserverError
+from observer.yamlfile import read_yaml
 
 BUNDLED = Path(__file__).with_name("catalog.yaml")
 CATEGORIES = {
     "messaging", "media-cdn", "backup", "cloud", "os-telemetry", "analytics", "ads", "push", "cdn",
     "social", "other",
 }
+SERVICE_KEYS = {"service", "organization", "category", "suffixes", "networks"}
 
 
 @dataclass(frozen=True)
@@ -48,38 +47,33 @@ class Catalog:
         self._networks.sort(key=lambda item: item[0].prefixlen, reverse=True)
 
     def _load(self, path: Path) -> None:
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise ObserverError(f"cannot read catalog {path}: {exc.strerror or exc}") from None
-        except yaml.YAMLError as exc:
-            raise ObserverError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
-        entries = (data or {}).get("services", []) if isinstance(data, dict) else None
-        if not isinstance(entries, list):
-            raise ObserverError(f"{path}: a catalog needs a top-level 'services:' list")
-        for i, entry in enumerate(entries):
-            where = f"{path}: services[{i}]"
-            if not isinstance(entry, dict) or not isinstance(entry.get("service"), str):
-                raise ObserverError(f"{where}: each entry needs a 'service' name")
+        doc = read_yaml(path, "catalog")
+        check = doc.shape()
+        if not isinstance(doc.data, dict) or not isinstance(doc.data.get("services"), list):
+            raise check.fail("services", "a catalog needs a top-level 'services:' list")
+        for i, entry in enumerate(doc.data["services"]):
+            key = f"services.{i}"
+            entry = check.mapping(entry, key, SERVICE_KEYS)
+            if not isinstance(entry.get("service"), str):
+                raise check.fail(key, "each entry needs a 'service' name")
+            service = entry["service"]
             category = entry.get("category", "other")
             if category not in CATEGORIES:
-                raise ObserverError(
-                    f"{where} ({entry['service']}): unknown category {category!r}; "
-                    f"use one of {', '.join(sorted(CATEGORIES))}"
-                )
-            org = str(entry.get("organization", entry["service"]))
-            for suffix in entry.get("suffixes", []) or []:
-                key = normalize(str(suffix))
-                if not key:
-                    raise ObserverError(f"{where}: empty suffix")
-                self._suffixes[key] = Endpoint(entry["service"], org, category, key)
-            for net in entry.get("networks", []) or []:
+                raise check.fail(f"{key}.category", f"unknown category {category!r}; "
+                                 f"use one of {', '.join(sorted(CATEGORIES))}")
+            org = str(entry.get("organization", service))
+            suffixes = check.sequence(entry, "suffixes", f"{key}.", "DNS suffixes")
+            for j, suffix in enumerate(suffixes):
+                name = normalize(str(suffix))
+                if not name:
+                    raise check.fail(f"{key}.suffixes.{j}", "empty suffix")
+                self._suffixes[name] = Endpoint(service, org, category, name)
+            for j, net in enumerate(check.sequence(entry, "networks", f"{key}.", "address blocks")):
                 try:
                     network = ipaddress.ip_network(str(net), strict=False)
                 except ValueError:
-                    raise ObserverError(f"{where}: {net!r} is not an address block") from None
-                endpoint = Endpoint(entry["service"], org, category, str(network))
-                self._networks.append((network, endpoint))
+                    raise check.fail(f"{key}.networks.{j}", f"{net!r} is not an address block")
+                self._networks.append((network, Endpoint(service, org, category, str(network))))
 
     def match_name(self, name: str | None) -> Endpoint | None:
         """The endpoint of a DNS name, by longest suffix on label boundaries."""

@@ -1,5 +1,7 @@
 """Endpoint catalog: suffix rules on label boundaries, longest suffix wins, user files override."""
 
+import re
+
 import pytest
 
 from observer import ObserverError
@@ -87,4 +89,31 @@ def test_bad_catalog_files(tmp_path, text, words):
     path = tmp_path / "bad.yaml"
     path.write_text(text)
     with pytest.raises(ObserverError, match=words):
+        Catalog([path])
+
+
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [
+        ("services:\n  - service: X\n    suffixes: [a.example]\n    sufixes: [b.example]\n",
+         "bad.yaml:4: services.0.sufixes: unknown key"),
+        ("services:\n  - service: X\n    service: Y\n",
+         "bad.yaml:3: services.0.service: key given"),
+        ("services:\n  - service: X\n    networks: [10.0.0.0/8, 300.1.1.0/24]\n",
+         "bad.yaml:3: services.0.networks.1"),
+        ("services: &s [{service: X}]\nmore: [" + ", ".join(["*s"] * 80) + "]\n",
+         "more than 64 aliases"),
+    ],
+)
+def test_catalog_errors_name_file_line_and_key(tmp_path, text, where):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ObserverError, match=re.escape(where)):
+        Catalog([path])
+
+
+def test_latin1_catalog_is_a_clear_error(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_bytes("services:\n  - service: Café\n".encode("latin-1"))
+    with pytest.raises(ObserverError, match=r"bad\.yaml:2: not UTF-8"):
         Catalog([path])

@@ -23,7 +23,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"{args.path}: ok")
     print(f"  time zone {config.timezone}, activity bins of {config.bin_seconds:g} s")
     for device in config.devices:
-        print(f"  device {device.name}: {', '.join(device.ips + device.macs)}")
+        print(f"  device {device.name}: {', '.join(device.ips + device.prefixes + device.macs)}")
     for catalog in config.catalogs:
         print(f"  catalog {catalog}")
     return 0
