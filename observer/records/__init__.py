@@ -1,7 +1,16 @@
 """Records: the schema and its Parquet (analysis) and JSONL (live) stores."""
 
 from observer.records.jsonl import JsonlRead, JsonlWriter, read_jsonl
-from observer.records.parquet import partitions, read_records, read_table, write_table
+from observer.records.manifest import records_fingerprint
+from observer.records.parquet import (
+    RecordRun,
+    device_dir,
+    device_name,
+    partitions,
+    read_records,
+    read_table,
+    write_table,
+)
 from observer.records.schema import SCHEMA_VERSION, TABLES, TIME_COLUMN, conform, empty
 
 __all__ = [
@@ -10,11 +19,15 @@ __all__ = [
     "TIME_COLUMN",
     "JsonlRead",
     "JsonlWriter",
+    "RecordRun",
     "conform",
+    "device_dir",
+    "device_name",
     "empty",
     "partitions",
     "read_jsonl",
     "read_records",
     "read_table",
+    "records_fingerprint",
     "write_table",
 ]

@@ -198,18 +198,35 @@ def write_ssl_log(connections: pd.DataFrame, out: TextIO, *, now: float | None =
 
 
 def neutralise(value: object) -> object:
-    """A text cell that a spreadsheet would run as a formula, made inert with a leading quote."""
-    if isinstance(value, str) and value.startswith(FORMULA_START):
+    """A text cell that a spreadsheet would run as a formula, made inert with a leading quote.
+
+    Leading spaces do not hide a formula: some spreadsheets trim them before evaluating.
+    """
+    if isinstance(value, str) and value.lstrip(" ").startswith(FORMULA_START):
         return "'" + value
     return value
 
 
+def csv_field(value: object) -> str:
+    """One RFC 4180 field: unknown is empty; a field holding a comma, quote, line break or
+    leading/trailing space is quoted, with quotes doubled; formula cells neutralised."""
+    if value is None or value is pd.NA or (isinstance(value, float) and value != value):
+        return ""
+    text = str(neutralise(value)) if isinstance(value, str) else str(value)
+    if text != text.strip() or any(c in text for c in ',"\r\n'):
+        return '"' + text.replace('"', '""') + '"'
+    return text
+
+
+def csv_line(values: list[object]) -> str:
+    """A CSV record with RFC 4180's CRLF line end."""
+    return ",".join(csv_field(v) for v in values) + "\r\n"
+
+
 def write_csv(frame: pd.DataFrame, out: TextIO) -> int:
     """Write a table as CSV (header row, empty cell = unknown); return rows written."""
-    safe = frame.copy()
-    for column in safe.columns:
-        if safe[column].dtype == object or isinstance(safe[column].dtype, pd.StringDtype):
-            safe[column] = safe[column].astype(object).map(neutralise)
-    # RFC 4180 line ends: the csv writer then also quotes cells holding a bare CR.
-    safe.to_csv(out, index=False, lineterminator="\r\n")
-    return len(safe)
+    out.write(csv_line(list(frame.columns)))
+    columns = [frame[c].astype(object).tolist() for c in frame.columns]
+    for row in zip(*columns, strict=True):
+        out.write(csv_line(list(row)))
+    return len(frame)

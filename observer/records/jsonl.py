@@ -7,17 +7,22 @@ rotates files by size or UTC day.  The reader skips a torn or corrupt line and c
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 import threading
 import time
+import zlib
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import pandas as pd
 
-from observer.records.schema import TABLES, conform
+from observer.config import TimeWindow
+from observer.records.schema import I64, STR, TABLES, conform
+from observer.text import network_text
 
 
 def _clean(value: Any) -> Any:
@@ -64,6 +69,7 @@ class JsonlWriter:
             path = self.directory / f"{self.prefix}-{stamp}-{n}.jsonl"
             n += 1
         self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - kept open for the run
+        self._size = path.stat().st_size  # counted, not asked: tell() flushes on every row
         self._day = time.strftime("%Y%m%d", time.gmtime(now))
 
     def write(self, table: str, row: dict[str, Any]) -> None:
@@ -76,10 +82,11 @@ class JsonlWriter:
             if (
                 self._file is None
                 or self._day != time.strftime("%Y%m%d", time.gmtime(now))
-                or self._file.tell() >= self.max_bytes
+                or self._size >= self.max_bytes
             ):
                 self._open(now)
             self._file.write(line + "\n")
+            self._size += len(line) + 1  # json.dumps writes ASCII: characters are bytes
             self._dirty = True
 
     def flush(self) -> None:
@@ -113,25 +120,87 @@ class JsonlRead:
 
     tables: dict[str, pd.DataFrame]
     skipped: int = 0
-    skipped_where: list[str] = field(default_factory=list)
+    skipped_where: list[str] = field(default_factory=list)  # "file:line"
+    reasons: Counter[str] = field(default_factory=Counter)  # why lines were skipped
 
 
-def read_jsonl(paths: list[str | Path]) -> JsonlRead:
-    """Read JSONL record files; torn or corrupt lines are skipped and counted, never fatal."""
+def record_problem(table: Any, record: Any, window: tuple[float, float] | None) -> str | None:
+    """Why ``record`` is not a row of ``table`` with values of the schema's types and a time
+    inside ``window`` (then a reader skips and counts it), else None.
+
+    Strings are made valid text in place (``observer.text``), so a JSON ``\\udc80`` escape
+    cannot break the Parquet writer later.
+    """
+    if not isinstance(record, dict):
+        return "not a JSON object"
+    columns = TABLES.get(table) if isinstance(table, str) else None
+    if columns is None:
+        return f"unknown table {table!r}"
+    for key, value in record.items():
+        dtype = columns.get(key)
+        if dtype is None:
+            return f"{table} has no column {key!r}"
+        if value is None:
+            continue
+        if dtype == STR:
+            if not isinstance(value, str):
+                return f"{key} is not text"
+            record[key] = network_text(value)
+        elif isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"{key} is not a number"
+        elif isinstance(value, int) and not -(2**63) <= value < 2**63:
+            return f"{key} is out of range"
+        elif not math.isfinite(value):
+            return f"{key} is not finite"
+        elif dtype == I64 and not (float(value).is_integer() and abs(value) < 2**63):
+            return f"{key} is not a whole number"
+    if window is not None:
+        for key in (k for k, v in record.items() if k.startswith("ts") and v is not None):
+            if not window[0] <= record[key] <= window[1]:
+                return f"{key} outside the time window"
+    return None
+
+
+def _open_text(path: Path) -> TextIO:
+    """A JSONL file as text lines, gunzipped when it is gzip (rotated logs); invalid UTF-8 bytes
+    become U+FFFD (the text policy of ``observer.text``)."""
+    with path.open("rb") as raw:
+        gzipped = raw.read(2) == b"\x1f\x8b"
+    if gzipped:
+        return gzip.open(path, "rt", encoding="utf-8", errors="replace")
+    return path.open(encoding="utf-8", errors="replace")
+
+
+def read_jsonl(paths: list[str | Path], window: TimeWindow | None = None) -> JsonlRead:
+    """Read JSONL record files; a line that is torn, corrupt, not of the schema or timed outside
+    ``window`` (if given) is skipped and counted, never fatal; so is an unreadable file."""
     rows: dict[str, list[dict[str, Any]]] = {t: [] for t in TABLES}
+    bounds = window.bounds() if window is not None else None
     skipped = 0
     where: list[str] = []
+    reasons: Counter[str] = Counter()
     for path in paths:
-        with open(path, encoding="utf-8", errors="replace") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                    table = record.pop("table")
-                    rows[table].append(record)
-                except (ValueError, KeyError, AttributeError, TypeError):
-                    skipped += 1
-                    where.append(f"{path}:{lineno}")
+        lineno = 0
+        try:
+            with _open_text(Path(path)) as fh:
+                for lineno, line in enumerate(fh, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        record = json.loads(line)
+                        table = record.pop("table", None) if isinstance(record, dict) else None
+                        why = record_problem(table, record, bounds)
+                    except (ValueError, RecursionError):
+                        why = "not valid JSON"
+                    if why is None:
+                        rows[table].append(record)
+                    else:
+                        skipped += 1
+                        where.append(f"{path}:{lineno}")
+                        reasons[why] += 1
+        except (OSError, EOFError, zlib.error) as exc:  # unreadable, or a damaged gzip stream
+            skipped += 1
+            where.append(f"{path}:{lineno + 1}")
+            reasons[f"unreadable from here on ({getattr(exc, 'strerror', None) or exc})"] += 1
     tables = {t: conform(t, pd.DataFrame(r)) for t, r in rows.items()}
-    return JsonlRead(tables, skipped, where)
+    return JsonlRead(tables, skipped, where, reasons)

@@ -49,6 +49,7 @@ TABLES: dict[str, dict[str, str]] = {
         "proxy_mode": STR,  # regular | transparent | wireguard | socks5 | local, proxy only
         "ts_tcp_setup": F64,  # proxy only: upstream TCP connected
         "ts_tls_setup": F64,  # proxy only: TLS handshake done
+        "tunnel": STR,  # replay: the outer connection(s) of a decapsulated one, else null
     },
     "activity": {
         "conn_id": STR,
@@ -59,6 +60,16 @@ TABLES: dict[str, dict[str, str]] = {
         "bytes_down": I64,
         "packets_up": I64,
         "packets_down": I64,
+    },
+    "link_activity": {  # replay: 802.11 frames that cannot be decoded (protected), per station
+        "station": STR,  # the station's (phone's) MAC address
+        "bssid": STR,
+        "ts_bin": F64,
+        "bin_s": F64,
+        "frames_up": I64,  # station -> access point
+        "frames_down": I64,
+        "bytes_up": I64,  # 802.11 frame bytes as captured on the air
+        "bytes_down": I64,
     },
     "http": {
         "conn_id": STR,
@@ -106,10 +117,24 @@ TABLES: dict[str, dict[str, str]] = {
     },
 }
 
+# The columns that identify a row whatever wrote it: a connection keeps its id (``pcap-<hash>``)
+# whether it reached the records through a live capture's JSONL or through a replay of the pcap
+# files, so a row already in the records is not added again.  Sessions describe coverage and
+# have none.
+ROW_KEY = {
+    "connections": ["conn_id"],
+    "activity": ["conn_id", "ts_bin"],
+    "http": ["conn_id", "ts_request", "method", "host", "path"],
+    "websocket": ["conn_id", "ts", "direction", "bytes"],
+    "dns": ["device", "ts", "client_ip", "query", "answer_type", "answer"],
+    "link_activity": ["station", "bssid", "ts_bin"],
+}
+
 # The column whose UTC day partitions each table on disk.
 TIME_COLUMN = {
     "connections": "ts_start",
     "activity": "ts_bin",
+    "link_activity": "ts_bin",
     "http": "ts_request",
     "websocket": "ts",
     "dns": "ts",
@@ -143,7 +168,7 @@ def conform(table: str, df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(
         {
             name: (
-                df[name].reset_index(drop=True).astype(dtype)
+                _cast(df[name].reset_index(drop=True), dtype)
                 if name in df.columns
                 else _missing(dtype, n)
             )
@@ -151,6 +176,15 @@ def conform(table: str, df: pd.DataFrame) -> pd.DataFrame:
         },
         index=pd.RangeIndex(n),
     )
+
+
+def _cast(column: pd.Series, dtype: str) -> pd.Series:
+    try:
+        return column.astype(dtype)
+    except UnicodeEncodeError:  # text that is not valid UTF-8 got past its source: the last guard
+        from observer.text import network_texts
+
+        return network_texts(column)
 
 
 def _missing(dtype: str, n: int) -> pd.Series:
