@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import pytest
 from scapy.layers.dns import DNS, DNSQR, DNSRR
 from scapy.layers.inet import IP, UDP
@@ -216,12 +217,10 @@ def _sessions(directory: Path) -> dict:
     return {sid: group.iloc[-1] for sid, group in rows.groupby("session_id")}
 
 
-@pytest.mark.parametrize("backend", ["scapy", "tcpdump"])
-def test_capture_records_exactly_the_traffic_sent(lab: Lab, backend: str) -> None:
-    if backend == "tcpdump" and shutil.which("tcpdump") is None:
-        pytest.skip("tcpdump is not installed")
+def _servers(lab: Lab) -> tuple[list[socket.socket], list[threading.Thread]]:
+    """The servers of ``_phone_traffic`` in the capture namespace, each answering in a thread."""
 
-    def servers() -> list[socket.socket]:
+    def bind() -> list[socket.socket]:
         socks = []
         for port in (8443, 8080):
             listener = socket.create_server(("0.0.0.0", port))
@@ -234,9 +233,16 @@ def test_capture_records_exactly_the_traffic_sent(lab: Lab, backend: str) -> Non
             socks.append(udp)
         return socks
 
-    tls_like, plain, dns, udp = lab.run_in(lab.capture_ns, servers)
-    threads = [_serve_tcp(tls_like, 1), _serve_tcp(plain, 2), _serve_udp(dns, 1, _dns_answer),
-               _serve_udp(udp, UDP_SENDS, lambda _q: b"a" * UDP_DOWN)]
+    tls_like, plain, dns, udp = socks = lab.run_in(lab.capture_ns, bind)
+    return socks, [_serve_tcp(tls_like, 1), _serve_tcp(plain, 2), _serve_udp(dns, 1, _dns_answer),
+                   _serve_udp(udp, UDP_SENDS, lambda _q: b"a" * UDP_DOWN)]
+
+
+@pytest.mark.parametrize("backend", ["scapy", "tcpdump"])
+def test_capture_records_exactly_the_traffic_sent(lab: Lab, backend: str) -> None:
+    if backend == "tcpdump" and shutil.which("tcpdump") is None:
+        pytest.skip("tcpdump is not installed")
+    (tls_like, plain, dns, udp), threads = _servers(lab)
     records = lab.tmp / "records"
     proc, log = lab.start_capture("--backend", backend, "--records", str(records))
     t_first = time.time()
@@ -276,7 +282,7 @@ def test_capture_records_exactly_the_traffic_sent(lab: Lab, backend: str) -> Non
     assert session["packets_captured"] == sum(len(rdpcap(str(f))) for f in files)
     assert "stopped by SIGTERM" in session["note"]
 
-    live = read_jsonl(sorted(records.glob("live-phone-*.jsonl"))).tables
+    live = _replay([records], lab.config)  # the live JSONL, last row of a connection wins
     live_got = {
         (r.proto, int(r.client_port), r.server_ip, int(r.server_port), int(r.bytes_up),
          int(r.bytes_down))
@@ -288,24 +294,78 @@ def test_capture_records_exactly_the_traffic_sent(lab: Lab, backend: str) -> Non
         assert tuple(sums.loc[r.conn_id]) == (r.bytes_up, r.bytes_down)
 
 
+def _keyed(conns: pd.DataFrame, rows: pd.DataFrame) -> pd.DataFrame:
+    """``rows`` with their connection's 5-tuple in place of ``conn_id``, sorted: ids aside."""
+    key = ["proto", "client_ip", "client_port", "server_ip", "server_port", "ts_start"]
+    out = rows if rows is conns else rows.merge(conns[["conn_id", *key]], on="conn_id",
+                                                how="left", validate="many_to_one")
+    assert out["ts_start"].notna().all()
+    out = out.drop(columns=["conn_id", "source"], errors="ignore")
+    return out.sort_values(list(out.columns)).reset_index(drop=True)
+
+
+@pytest.mark.parametrize("backend", ["scapy", "tcpdump"])
+def test_live_records_equal_the_replay_of_the_rotated_files(lab: Lab, backend: str) -> None:
+    """One flow engine: what the capture writes as it runs is what replay makes of its files."""
+    if backend == "tcpdump" and shutil.which("tcpdump") is None:
+        pytest.skip("tcpdump is not installed")
+    socks, threads = _servers(lab)
+    records = lab.tmp / "records"
+    proc, log = lab.start_capture("--backend", backend, "--records", str(records),
+                                  "--filesize", "0.02", "--duration", "1")
+    try:
+        flows = lab.run_in(lab.phone_ns, _phone_traffic)
+        for thread in threads:
+            thread.join(10)
+        time.sleep(1.2)  # a rotation by time too
+        lab.run_in(lab.phone_ns, _phone_traffic_tail)
+        time.sleep(0.3)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0, log.read_text()
+        for sock in socks:
+            sock.close()
+    files = ring_files(lab.tmp / "captures" / "phone", "phone")
+    assert len(files) >= 3
+    replayed = _replay(files, lab.config)
+    live = _replay([records], lab.config)  # the live JSONL, last row of a connection wins
+    got = {(r.proto, int(r.client_port), r.server_ip, int(r.server_port), int(r.bytes_up),
+            int(r.bytes_down)) for r in live["connections"].itertuples()}
+    assert set(flows) <= got
+    assert set(live["connections"]["source"]) == {"live"}
+    assert set(live["connections"]["device"]) == {"phone"}
+    assert (live["connections"]["server_name"] == NAME).sum() == 1
+    for name in ("connections", "activity"):
+        a = _keyed(live["connections"], live[name])
+        b = _keyed(replayed["connections"], replayed[name])
+        pd.testing.assert_frame_equal(a, b, check_dtype=False)
+    assert len(live["activity"]) >= len(live["connections"])
+
+
+def _phone_traffic_tail() -> None:
+    """A last UDP exchange, after the capture has rotated by time."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.sendto(b"t" * 99, (SERVER, 7001))
+
+
+def new_flow_trickle(seconds: float, sent: list[tuple[int, float]]) -> None:
+    """One new UDP flow every 50 ms, so each flow's presence dates a moment of the run."""
+    end = time.time() + seconds
+    while time.time() < end:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.sendto(b"k" * 64, (SERVER, 6000))
+            sent.append((sock.getsockname()[1], time.time()))
+        time.sleep(0.05)
+
+
 @pytest.mark.parametrize("backend", ["scapy", "tcpdump"])
 def test_sigkill_loses_at_most_the_last_second(lab: Lab, backend: str) -> None:
     if backend == "tcpdump" and shutil.which("tcpdump") is None:
         pytest.skip("tcpdump is not installed")
     proc, _log = lab.start_capture("--backend", backend)
     sent: list[tuple[int, float]] = []
-
-    def trickle() -> None:
-        """One new UDP flow every 50 ms, so each flow's presence dates a moment of the run."""
-        end = time.time() + 2.5
-        while time.time() < end:
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-                sock.sendto(b"k" * 64, (SERVER, 6000))
-                sent.append((sock.getsockname()[1], time.time()))
-            time.sleep(0.05)
-
     try:
-        lab.run_in(lab.phone_ns, trickle)
+        lab.run_in(lab.phone_ns, lambda: new_flow_trickle(2.5, sent))
     finally:
         killed_at = time.time()
         proc.send_signal(signal.SIGKILL)
@@ -327,6 +387,41 @@ def test_sigkill_loses_at_most_the_last_second(lab: Lab, backend: str) -> None:
     while _processes_naming(lab.iface) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not _processes_naming(lab.iface), "a capture process outlived the kill"
+
+
+@pytest.mark.parametrize("backend", ["scapy", "tcpdump"])
+def test_sigkill_keeps_the_live_records_of_all_but_the_last_seconds(lab: Lab, backend: str) -> None:
+    """Complete activity bins are on disk within ~3 s of their end, as replay has them."""
+    if backend == "tcpdump" and shutil.which("tcpdump") is None:
+        pytest.skip("tcpdump is not installed")
+    config = lab.tmp / "fine.yaml"
+    config.write_text(f"bin_seconds: 1\ndevices:\n  - name: phone\n    ips: [{PHONE}]\n")
+    records = lab.tmp / "records"
+    proc, _log = lab.start_capture("--backend", backend, "--records", str(records),
+                                   "--config", str(config))
+
+    def trickle() -> None:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            end = time.time() + 6.0
+            while time.time() < end:
+                sock.sendto(b"k" * 64, (SERVER, 6000))
+                time.sleep(0.05)
+
+    try:
+        lab.run_in(lab.phone_ns, trickle)
+    finally:
+        killed_at = time.time()
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+    replayed = _replay(ring_files(lab.tmp / "captures" / "phone", "phone"), config)["activity"]
+    live = read_jsonl(sorted(records.glob("live-phone-*.jsonl"))).tables["activity"]
+    rows = lambda t: {(r.conn_id, float(r.ts_bin), int(r.bytes_up), int(r.packets_up))  # noqa: E731
+                      for r in t.itertuples()}
+    assert rows(live) <= rows(replayed)  # a bin is written once, complete
+    cutoff = killed_at - 4.0  # the 2 s margin, the 0.25 s tick, the JSONL writer's 0.5 s
+    old = {r for r in rows(replayed) if r[1] + 1.0 <= cutoff}
+    assert len(old) >= 2
+    assert old <= rows(live)
 
 
 def _processes_naming(iface: str) -> list[str]:
@@ -514,3 +609,55 @@ def test_pcap_stream_splitter_cuts_whole_records(tmp_path: Path) -> None:
         records += [bytes(r) for r in splitter.feed(stream[start : start + 7])]
     assert splitter.linktype == 1
     assert [r[16:] for r in records] == [_frame(i, 40 + 20 * i) for i in range(5)]
+
+
+def test_open_connections_survive_a_kill_as_partial_rows(tmp_path: Path) -> None:
+    """The live engine writes an open connection's row as it stands every ``update_s``; the row
+    written when it finishes replaces it (last row of a conn_id wins)."""
+    from scapy.layers.inet import TCP
+    from scapy.layers.l2 import Ether
+
+    from observer.records.jsonl import JsonlWriter
+    from observer.sources.live.capture import CaptureOptions, LiveRecords
+    from observer.sources.live.ring import RECORD_HEADER
+
+    t0 = 1_795_000_000.0
+    frame = lambda up, **kw: Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / (  # noqa: E731
+        IP(src=PHONE, dst=SERVER) / TCP(sport=40000, dport=443, **kw) if up else
+        IP(src=SERVER, dst=PHONE) / TCP(sport=443, dport=40000, **kw))
+    packets = [(0.0, frame(True, flags="S")), (0.01, frame(False, flags="SA")),
+               (0.02, frame(True, flags="A"))]
+    packets += [(1.0 + k, frame(True, flags="PA") / (b"u" * 1000)) for k in range(30)]
+    packets += [(40.0, frame(True, flags="FA")), (40.01, frame(False, flags="FA"))]
+
+    def records(part: list) -> bytes:
+        return b"".join(RECORD_HEADER.pack(int(t0 + t), round((t0 + t) % 1 * 1e6), len(p),
+                                           len(p)) + bytes(p) for t, p in part)
+
+    def run(directory: Path, *, finish: bool) -> pd.DataFrame:
+        opts = CaptureOptions(iface="x", bpf="", directory=directory, device="phone",
+                              update_s=5.0)
+        live = LiveRecords(JsonlWriter(directory, "live-phone"), opts, linktype=1)
+        for second in range(0, 45):
+            live.feed(records([p for p in packets if second <= p[0] < second + 1]))
+            live.tick(t0 + second + 1)
+            if not finish and second == 20:
+                break  # killed: no close
+        if finish:
+            live.close()
+        live.writer.close()
+        raw = read_jsonl(sorted(directory.glob("live-*.jsonl"))).tables["connections"]
+        assert len(raw) >= 2  # partial rows went out as it ran
+        return _replay_live(directory)["connections"]
+
+    (killed,) = run(tmp_path / "killed", finish=False).itertuples()
+    assert (killed.close_reason, killed.bytes_up, killed.device) == ("open", 20_000,
+                                                                    "02:00:00:00:00:01")
+    (done,) = run(tmp_path / "done", finish=True).itertuples()
+    assert (done.close_reason, done.bytes_up, done.conn_id) == ("fin", 30_000, killed.conn_id)
+
+
+def _replay_live(directory: Path) -> dict:
+    from observer.sources import replay_tables
+
+    return replay_tables([directory])

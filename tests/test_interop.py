@@ -22,9 +22,12 @@ from pathlib import Path
 import httpx
 import pandas as pd
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from observer import ObserverError
 from observer.cli import main
+from observer.config import LabConfig
 from observer.records import conform, write_table
 from observer.records.export import (
     CONN_FIELDS,
@@ -33,7 +36,10 @@ from observer.records.export import (
     write_csv,
     write_ssl_log,
 )
-from observer.sources import imports
+from observer.redaction import Redaction
+from observer.sources import formats
+from observer.sources.formats import read_tables
+from observer.text import network_text
 
 DATA = Path(__file__).parent / "data" / "interop"
 CAPTURES = Path(__file__).parents[2] / "shared" / "captures"
@@ -50,10 +56,12 @@ def _conn_log_text(frame: pd.DataFrame) -> str:
 
 
 def test_zeek_tsv_names_connections_from_ssl_and_dns_logs_beside_it():
-    tables = imports.read(DATA / "zeek-tsv" / "conn.log")
+    tables = read_tables(DATA / "zeek-tsv" / "conn.log")
     conns = tables["connections"].set_index("conn_id")
     assert len(conns) == 5  # the sixth, truncated line is a counted skip
-    assert "1 malformed lines skipped" in tables["sessions"]["note"].iloc[0]
+    note = tables["sessions"]["note"].iloc[0]
+    assert "1 malformed or out-of-time lines skipped" in note
+    assert f"first malformed line {DATA / 'zeek-tsv' / 'conn.log'}:14" in note
     upload = conns.loc["CPh0neUp1oad01"]
     assert (upload.bytes_up, upload.bytes_down) == (52_430_117, 48_211)
     assert (upload.wire_bytes_up, upload.packets_up, upload.packets_down) == (53_875_077, 36_120,
@@ -77,8 +85,8 @@ def test_zeek_tsv_names_connections_from_ssl_and_dns_logs_beside_it():
 
 
 def test_zeek_json_logs_give_the_same_records_as_tsv():
-    tsv = imports.read(DATA / "zeek-tsv" / "conn.log")
-    js = imports.read(DATA / "zeek-json" / "conn.json")
+    tsv = read_tables(DATA / "zeek-tsv" / "conn.log")
+    js = read_tables(DATA / "zeek-json" / "conn.json")
     pd.testing.assert_frame_equal(tsv["connections"], js["connections"])
     pd.testing.assert_frame_equal(tsv["dns"], js["dns"])
 
@@ -87,15 +95,15 @@ def test_zeek_iso_timestamps_and_gzipped_rotated_logs_in_a_directory(tmp_path):
     for name in ("conn", "ssl", "dns"):
         raw = (DATA / "zeek-tsv" / f"{name}.log").read_bytes()
         (tmp_path / f"{name}.02:00:00-03:00:00.log.gz").write_bytes(gzip.compress(raw))
-    assert imports.sniff(b"", tmp_path)
-    tables = imports.read(tmp_path)
+    assert formats.format_for(tmp_path).NAME.startswith("Zeek")
+    tables = read_tables(tmp_path)
     assert tables["connections"]["server_name"].eq("mmg.whatsapp.net").sum() == 1
     line = json.dumps({"ts": "2026-03-02T02:00:03.512345Z", "uid": "Ciso", "id.orig_h": "10.0.0.2",
                        "id.orig_p": 1, "id.resp_h": "10.0.0.9", "id.resp_p": 443, "proto": "tcp",
                        "duration": 1.5, "orig_bytes": 7, "resp_bytes": 9, "conn_state": "SF"})
     path = tmp_path / "export.ndjson"
     path.write_text(line + "\n")
-    conn = imports.read(path)["connections"].iloc[0]
+    conn = read_tables(path)["connections"].iloc[0]
     assert conn.ts_start == pytest.approx(1772416803.512345)
     assert conn.ts_end == pytest.approx(1772416805.012345)
 
@@ -104,16 +112,16 @@ def test_zeek_bad_input_is_a_one_line_error(tmp_path):
     no_fields = tmp_path / "conn.log"
     no_fields.write_text("#separator \\x09\n#path\tconn\n")
     with pytest.raises(ObserverError, match=r"conn.log: Zeek log without a #fields header"):
-        imports.read(no_fields)
+        read_tables(no_fields)
     early = tmp_path / "early.log"
     early.write_text("#separator \\x09\n1.0\tCx\n#fields\tts\tuid\n")
     with pytest.raises(ObserverError, match=r"early.log:2: Zeek log data before its #fields"):
-        imports.read(early)
+        read_tables(early)
     (tmp_path / "alone").mkdir()
     ssl_only = tmp_path / "alone" / "ssl.log"
     shutil.copy(DATA / "zeek-tsv" / "ssl.log", ssl_only)
     with pytest.raises(ObserverError, match=r"ssl\.log alone"):
-        imports.read(ssl_only)
+        read_tables(ssl_only)
 
 
 def test_importer_is_chosen_by_content_not_name(tmp_path):
@@ -122,16 +130,17 @@ def test_importer_is_chosen_by_content_not_name(tmp_path):
     (tmp_path / names["har"]).write_text(json.dumps({"log": {"version": "1.2", "entries": []}}))
     (tmp_path / names["csv"]).write_text(PCAPDROID_CSV)
     for kind, name in names.items():
-        path = tmp_path / name
-        module = imports.importer_for(path.read_bytes()[:4096], path)
+        module = formats.format_for(tmp_path / name)
         assert module is not None and module.__name__.rsplit(".", 1)[1].startswith(
             {"zeek": "zeek", "har": "har", "csv": "pcapdroid"}[kind])
     pcap = next((CAPTURES / "zeek-tls").glob("*.pcap"), None)
     if pcap is not None:
-        assert not imports.sniff(pcap.read_bytes()[:4096], pcap)
-    assert not imports.sniff(b'{"entries": []}', tmp_path / "x.har")
-    with pytest.raises(ObserverError, match="not a Zeek log, HAR file or PCAPdroid"):
-        imports.read(pcap or _write(tmp_path / "noise.bin", b"\x00\x01 not a log\n" * 64))
+        assert formats.is_packets(formats.format_for(pcap))
+        with pytest.raises(ObserverError, match="a packet capture; use observer replay"):
+            read_tables(pcap)
+    assert formats.format_for(_write(tmp_path / "x.har", b'{"entries": []}')) is None
+    with pytest.raises(ObserverError, match="not a format an importer reads"):
+        read_tables(_write(tmp_path / "noise.bin", b"\x00\x01 not a log\n" * 64))
 
 
 def _write(path: Path, data: bytes) -> Path:
@@ -159,7 +168,7 @@ def test_damaged_files_give_one_line_errors_or_records_never_a_traceback(tmp_pat
             path = tmp_path / name
             path.write_bytes(bytes(damaged))
             try:
-                imports.read(path)
+                read_tables(path)
                 outcomes["records"] += 1
             except ObserverError as exc:
                 assert "\n" not in str(exc) and str(tmp_path) in str(exc)
@@ -211,7 +220,7 @@ def test_conn_log_round_trip_keeps_every_connection(tmp_path):
     original = _frame()
     path = tmp_path / "conn.log"
     path.write_text(_conn_log_text(original))
-    back = imports.read(path)["connections"]
+    back = read_tables(path)["connections"]
     _assert_same_connections(original, back)
 
 
@@ -251,11 +260,11 @@ def test_export_command_writes_conn_log_and_csv(tmp_path, capsys):
     conn_log = tmp_path / "out" / "conn.log"
     conn_log.parent.mkdir()
     assert main(["export", str(records), "--format", "zeek", "-o", str(conn_log)]) == 0
-    _assert_same_connections(_frame(), imports.read(conn_log)["connections"])
-    assert imports.read(conn_log)["connections"]["server_name"].isna().all()
+    _assert_same_connections(_frame(), read_tables(conn_log)["connections"])
+    assert read_tables(conn_log)["connections"]["server_name"].isna().all()
     assert main(["export", str(records), "--format", "zeek", "-o", str(conn_log), "--ssl-log",
                  str(conn_log.with_name("ssl.log"))]) == 0
-    back = imports.read(conn_log)["connections"].set_index("conn_id")
+    back = read_tables(conn_log)["connections"].set_index("conn_id")
     assert back.loc["pcap:a:1", "server_name"] == "mmg.whatsapp.net"
     assert back.loc["pcap:a:1", "name_source"] == "sni" and back.loc["pcap:a:1", "alpn"] == "h2"
     out_csv = tmp_path / "conn.csv"
@@ -288,9 +297,11 @@ PCAPDROID_CSV = (
 def test_pcapdroid_csv_gives_per_app_connections(tmp_path):
     path = tmp_path / "connections.csv"
     path.write_text(PCAPDROID_CSV)
-    tables = imports.read(path)
+    tables = read_tables(path)
     conns = tables["connections"]
-    assert len(conns) == 4 and "1 malformed rows skipped" in tables["sessions"]["note"].iloc[0]
+    note = tables["sessions"]["note"].iloc[0]
+    assert len(conns) == 4 and "1 malformed or out-of-time rows skipped" in note
+    assert "the first on line 6" in note
     upload = conns.iloc[0]
     assert (upload.app, upload.server_name, upload.name_source) == ("WhatsApp", "mmg.whatsapp.net",
                                                                     "sni")
@@ -304,11 +315,11 @@ def test_pcapdroid_csv_gives_per_app_connections(tmp_path):
                        .replace("1772416898762", "1772416898").splitlines()[0] + "\n"
                        + PCAPDROID_CSV.replace("1772416803512", "1772416803")
                        .replace("1772416898762", "1772416898").splitlines()[1] + "\n")
-    assert imports.read(seconds)["connections"].iloc[0].ts_start == 1772416803.0
+    assert read_tables(seconds)["connections"].iloc[0].ts_start == 1772416803.0
     missing = tmp_path / "bad.csv"
     missing.write_text("IPProto,SrcIP,SrcPort,DstIp,DstPort\nTCP,1.2.3.4,1,5.6.7.8,2\n")
     with pytest.raises(ObserverError, match="lacks the column"):
-        imports.read(missing)
+        read_tables(missing)
 
 
 # --- HAR from a real mitmdump ---------------------------------------------------------------------
@@ -369,10 +380,10 @@ def test_har_written_by_mitmdump_imports_sizes_and_redacted_paths(tmp_path):
         proxy.wait(30)
         origin.shutdown()
     assert json.loads(har.read_text())["log"]["creator"]["name"] == "mitmproxy"
-    tables = imports.read(har)
+    tables = read_tables(har)
     rows = tables["http"].set_index("method")
-    assert rows.loc["GET", "path"] == "/download?<redacted>"
-    assert rows.loc["POST", "path"] == "/upload?<redacted>"
+    assert rows.loc["GET", "path"] == "/download?token=*"
+    assert rows.loc["POST", "path"] == "/upload?user=*"
     assert "s3cret" not in tables["http"].to_csv() and "alice" not in tables["http"].to_csv()
     assert rows.loc["GET", "response_body_bytes"] == 20_000
     assert rows.loc["POST", "request_body_bytes"] == 50_000
@@ -388,7 +399,7 @@ def test_har_bad_input_is_a_one_line_error(tmp_path):
     broken = tmp_path / "broken.har"
     broken.write_text('{"log": {"version": "1.2", "entries": [')
     with pytest.raises(ObserverError, match=r"broken.har: not valid JSON at line 1"):
-        imports.read(broken)
+        read_tables(broken)
     odd = tmp_path / "odd.har"
     odd.write_text(json.dumps({"log": {"version": "1.2", "entries": [
         {"request": {"url": 5}}, {"startedDateTime": "never", "request": {"url": "http://a/"}},
@@ -400,10 +411,10 @@ def test_har_bad_input_is_a_one_line_error(tmp_path):
          "response": {"status": 200, "headersSize": 50, "bodySize": -1, "_transferSize": 1050},
          "timings": {"send": 1, "wait": 5, "receive": 4}},
     ]}}))
-    tables = imports.read(odd)
+    tables = read_tables(odd)
     row = tables["http"].iloc[0]
     assert row.request_header_bytes == len("Host") + len("a.example") + 4
-    assert row.response_body_bytes == 1000 and row.path == "/x?<redacted>"
+    assert row.response_body_bytes == 1000 and row.path == "/x?q=*"
     assert "4 unusable entries skipped" in tables["sessions"]["note"].iloc[0]
 
 
@@ -454,7 +465,7 @@ def test_replayed_capture_survives_a_conn_log_round_trip(tmp_path):
     ssl = io.StringIO()
     named = write_ssl_log(original, ssl, now=1_772_409_600.0)
     (tmp_path / "ssl.log").write_text(ssl.getvalue())
-    back = imports.read(path)["connections"]
+    back = read_tables(path)["connections"]
     _assert_same_connections(original, back)
     assert set(back["source"]) == {"import"}
     sni = original[original["name_source"].eq("sni") & original["proto"].eq("tcp")]
@@ -484,7 +495,7 @@ def test_replay_picks_the_importer_by_content(tmp_path):
     assert set(conns["source"]) == {"import"}
     assert conns["bytes_up"].max() == 52_430_117
     assert (conns["bytes_up"] == 4_000_080).sum() == 1
-    assert tables["http"]["path"].tolist() == ["/put?<redacted>"]
+    assert tables["http"]["path"].tolist() == ["/put?k=*"]
 
 
 def _pcapdroid_frame(ip_packet: bytes, uid: int, app: str) -> bytes:
@@ -574,7 +585,7 @@ def test_app_attribution_reaches_the_findings(tmp_path):
 
     path = tmp_path / "connections.csv"
     _nightly_pcapdroid_csv(path)
-    tables = imports.read(path)
+    tables = read_tables(path)
     records = {t: tables.get(t, empty(t)) for t in
                ("connections", "activity", "http", "websocket", "dns", "sessions")}
     findings = analyze_records(records, LabConfig(), load_catalog(), n_sim=200)
@@ -586,3 +597,34 @@ def test_app_attribution_reaches_the_findings(tmp_path):
     assert by_app["Chrome"]["verdict"] != "periodic bulk upload"
     # Built from connection totals, not activity bins: the evidence says so.
     assert all(e["from_totals"] for e in by_app["WhatsApp"]["events"])
+
+
+# --- one redaction policy, one text policy ---------------------------------------------------
+
+NAMES = st.text(alphabet="abcdefghij_", min_size=1, max_size=6)
+VALUES = st.text(alphabet="XYZ0123456789-.", min_size=1, max_size=12)
+
+
+@settings(max_examples=200, deadline=None)
+@given(path=st.from_regex(r"\A(/[a-z0-9]{0,6}){1,3}\Z"),
+       query=st.lists(st.tuples(NAMES, VALUES), max_size=5), fragment=st.booleans())
+def test_redaction_keeps_names_and_drops_every_value(path, query, fragment):
+    url = f"https://h.example{path}" + ("?" + "&".join(f"{k}={v}" for k, v in query)
+                                        if query else "") + ("#frag=SECRET" if fragment else "")
+    redacted = Redaction().path(url)
+    assert redacted.startswith(path) and "SECRET" not in redacted
+    if query:
+        assert redacted.split("?", 1)[1].split("&") == [f"{k}=*" for k, _ in query]
+    kept = Redaction.of(LabConfig(redact_query=False)).path(url)
+    assert kept == path + ("?" + "&".join(f"{k}={v}" for k, v in query) if query else "")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=40) | st.text(max_size=40))
+def test_network_text_is_always_valid_utf8(value):
+    text = network_text(value)
+    text.encode("utf-8")  # never raises
+    if isinstance(value, bytes):
+        assert text == value.decode("utf-8", "replace")
+    elif not any("\ud800" <= c <= "\udfff" for c in value):
+        assert text == value

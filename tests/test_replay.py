@@ -7,6 +7,7 @@ import gzip
 import struct
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from scapy.layers.dns import DNS, DNSQR, DNSRR
@@ -26,8 +27,15 @@ from observer.cli import main
 from observer.config import Device, LabConfig
 from observer.records import read_table
 from observer.sources import ReplayStats, replay, replay_tables
+from observer.sources.flows import Tracker
 
 CLIENT, SERVER = "10.0.0.2", "93.184.216.34"
+PHONE_MAC, GATEWAY_MAC = "02:00:00:00:00:01", "02:00:00:00:00:02"
+
+
+def ether(p):
+    """``p`` in an Ethernet frame from the phone (whose MAC names it without a config)."""
+    return Ether(src=PHONE_MAC, dst=GATEWAY_MAC) / p
 T0 = 1_700_000_000.0
 
 
@@ -85,22 +93,22 @@ def only(conns, **where):
     return rows.iloc[0]
 
 
-def check_default_conv(conns) -> None:
+def check_default_conv(conns, device: str = CLIENT) -> None:
     row = only(conns, proto="tcp")
     assert (row.client_ip, row.client_port, row.server_ip, row.server_port) == (
         CLIENT, 40000, SERVER, 443)
     assert (row.packets_up, row.packets_down) == (6, 3)
     assert (row.bytes_up, row.bytes_down) == (300, 1000)
     assert row.wire_bytes_up == 6 * 40 + 300 and row.wire_bytes_down == 3 * 40 + 1000
-    assert row.close_reason == "fin" and row.device == CLIENT and row.tls == "none"
+    assert row.close_reason == "fin" and row.device == device and row.tls == "none"
     assert row.ts_start == pytest.approx(T0) and row.ts_end == pytest.approx(T0 + 0.08)
 
 
 # -- link types and file formats ------------------------------------------------------------------
 LINKS = {
-    "ethernet": (1, lambda p: Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / p),
-    "802.1q": (1, lambda p: Ether() / Dot1Q(vlan=7) / p),
-    "qinq": (1, lambda p: Ether() / Dot1AD(vlan=3) / Dot1Q(vlan=7) / p),
+    "ethernet": (1, ether),
+    "802.1q": (1, lambda p: ether(Dot1Q(vlan=7) / p)),
+    "qinq": (1, lambda p: ether(Dot1AD(vlan=3) / Dot1Q(vlan=7) / p)),
     "sll": (113, lambda p: CookedLinux(pkttype=0, lladdrtype=1, lladdrlen=6) / p),
     "sll2": (276, lambda p: CookedLinuxV2(pkttype=0, lladdrtype=1, lladdrlen=6) / p),
     "raw-12": (12, lambda p: p),
@@ -112,17 +120,19 @@ LINKS = {
 @pytest.mark.parametrize("link", list(LINKS))
 def test_link_types(tmp_path, link):
     linktype, wrap = LINKS[link]
-    path = write(tmp_path / f"{link}.pcap", framed(wrap, tcp_conv()), linktype=linktype)
+    packets = framed(wrap, tcp_conv())
+    path = write(tmp_path / f"{link}.pcap", packets, linktype=linktype)
     stats = ReplayStats()
     conns = replay_tables([path], stats=stats)["connections"]
-    check_default_conv(conns)
+    # the link layer names the device by the client's MAC where there is one (Ethernet)
+    check_default_conv(conns, PHONE_MAC if Ether in packets[0] else CLIENT)
     assert stats.packets == 9 and not stats.errors and not stats.skipped
 
 
 @pytest.mark.parametrize("nano", [False, True])
 @pytest.mark.parametrize("endianness", ["<", ">"])
 def test_pcap_resolution_and_byte_order(tmp_path, nano, endianness):
-    packets = framed(lambda p: Ether() / p, tcp_conv())
+    packets = framed(ether, tcp_conv())
     for p in packets:
         p.time = p.time + 0.123456789  # the sub-microsecond part survives only in nano
     path = write(tmp_path / "t.pcap", packets, nano=nano, endianness=endianness)
@@ -168,11 +178,11 @@ def test_pcapng_interfaces_with_own_link_type_and_resolution(tmp_path, order):
     records = []
     for p in tcp_conv():
         if p[IP].src == CLIENT:
-            records.append((0, round(p.time * 1e6), bytes(Ether() / p)))
+            records.append((0, round(p.time * 1e6), bytes(ether(p))))
         else:
             records.append((1, round(p.time * 1e9), bytes(p)))
     path = pcapng(tmp_path / "multi.pcapng", [(1, None), (101, 9)], records, order)
-    check_default_conv(replay_tables([path])["connections"])
+    check_default_conv(replay_tables([path])["connections"], PHONE_MAC)
 
 
 def test_pcapng_simple_packet_blocks_take_the_time_before_them(tmp_path):
@@ -186,10 +196,10 @@ def test_pcapng_simple_packet_blocks_take_the_time_before_them(tmp_path):
 
 
 def test_gzip_is_read_by_content_not_name(tmp_path):
-    plain = write(tmp_path / "a.pcap", framed(lambda p: Ether() / p, tcp_conv()))
+    plain = write(tmp_path / "a.pcap", framed(ether, tcp_conv()))
     packed = tmp_path / "capture.bin"
     packed.write_bytes(gzip.compress(plain.read_bytes()))
-    check_default_conv(replay_tables([packed])["connections"])
+    check_default_conv(replay_tables([packed])["connections"], PHONE_MAC)
 
 
 def test_ipv6_extension_headers(tmp_path):
@@ -221,10 +231,13 @@ def test_ip_fragments_are_counted_into_their_flow(tmp_path):
     conns = replay_tables([write(tmp_path / "frag.pcap", packets, linktype=101)],
                           stats=stats)["connections"]
     v4 = only(conns, client_port=5000)
-    assert len(frags) == 4 and (v4.packets_up, v4.bytes_up) == (4, 3000)
+    # one reassembled datagram, as Zeek counts it (docs/interop.md, "Agreement with Zeek")
+    assert len(frags) == 4 and (v4.packets_up, v4.bytes_up) == (1, 3000)
+    assert v4.wire_bytes_up == 20 + 8 + 3000
     assert (v4.packets_down, v4.bytes_down) == (1, 10)
     six = only(conns, client_port=6000)
-    assert len(frags6) > 1 and (six.packets_up, six.bytes_up) == (len(frags6), 2500)
+    assert len(frags6) > 1 and (six.packets_up, six.bytes_up) == (1, 2500)
+    assert six.wire_bytes_up == 40 + 8 + 2500
     assert not stats.skipped
 
 
@@ -554,8 +567,8 @@ def test_finished_connections_written_during_the_run_equal_one_pass(tmp_path, mo
     whole = replay_tables(files)
 
     drops = []
-    drop = pipeline.Tracker.drop
-    monkeypatch.setattr(pipeline.Tracker, "drop", lambda self, rows: (
+    drop = Tracker.drop
+    monkeypatch.setattr(Tracker, "drop", lambda self, rows: (
         drops.append(rows.size), drop(self, rows)))
     monkeypatch.setattr(pipeline, "FLUSH_ROWS", 0)
     monkeypatch.setattr(pipeline, "CHECK_BATCHES", 1)
@@ -574,3 +587,187 @@ def test_finished_connections_written_during_the_run_equal_one_pass(tmp_path, mo
     assert only(conns, client_port=43000).close_reason == "end-of-capture"
     assert len(whole["activity"][whole["activity"]["conn_id"] == only(
         conns, client_port=43000).conn_id]) > 100
+
+
+# -- device identity ---------------------------------------------------------------------------
+PHONE_ADDRESSES = ["10.0.0.2", "2001:db8:7::23",  # IPv4, stable IPv6, two temporary IPv6
+                   "2001:db8:7:0:a1b2:c3d4:e5f6:1", "2001:db8:7::99:2"]
+
+
+def dual_stack_phone(path: Path) -> Path:
+    """One phone (one MAC) over three days: IPv4, a stable IPv6 global address and a temporary
+    (privacy) IPv6 address that rotates each day; a second phone beside it on IPv4."""
+    packets = []
+    for day, client in enumerate(PHONE_ADDRESSES):
+        ip = IPv6 if ":" in client else IP
+        server = "2001:db8:ff::1" if ip is IPv6 else SERVER
+        conv = tcp_conv(c=client, s=server, cport=40000 + day, t0=T0 + day * 86_400, ip=ip)
+        packets += [Ether(src=PHONE_MAC if p[ip].src == client else GATEWAY_MAC,
+                          dst=GATEWAY_MAC if p[ip].src == client else PHONE_MAC) / p for p in conv]
+    other = tcp_conv(c="10.0.0.3", cport=41000, t0=T0 + 10)
+    packets += [Ether(src="02:00:00:00:00:03" if p[IP].src == "10.0.0.3" else GATEWAY_MAC,
+                      dst=GATEWAY_MAC if p[IP].src == "10.0.0.3" else "02:00:00:00:00:03") / p
+                for p in other]
+    for p in packets:
+        p.time = p[IP].time if IP in p else p[IPv6].time
+    return write(path, sorted(packets, key=lambda p: float(p.time)))
+
+
+def test_a_dual_stack_phone_with_rotating_addresses_is_one_device(tmp_path):
+    path = dual_stack_phone(tmp_path / "phone.pcap")
+    tables = replay_tables([path])
+    conns = tables["connections"]
+    phone = conns[conns["client_port"] < 41000]
+    assert sorted(phone["client_ip"]) == sorted(PHONE_ADDRESSES)  # the address actually used
+    assert set(phone["device"]) == {PHONE_MAC}
+    assert set(conns.loc[conns["client_port"] == 41000, "device"]) == {"02:00:00:00:00:03"}
+    assert set(tables["activity"]["device"]) == {PHONE_MAC, "02:00:00:00:00:03"}
+
+
+def test_config_macs_and_addresses_name_devices(tmp_path):
+    path = dual_stack_phone(tmp_path / "phone.pcap")
+    config = tmp_path / "lab.yaml"
+    config.write_text(f"devices:\n  - name: pixel\n    macs: ['{PHONE_MAC.upper()}']\n"
+                      "  - name: tablet\n    prefixes: [10.0.0.0/29]\n")
+    from observer.config import load_config
+
+    conns = replay_tables([path], config=load_config(config))["connections"]
+    by_port = dict(zip(conns["client_port"], conns["device"], strict=True))
+    # the MAC names every address of the phone, even its IPv4 inside the tablet's prefix
+    assert {by_port[40000 + day] for day in range(4)} == {"pixel"}
+    assert by_port[41000] == "tablet"
+    config.write_text("devices:\n  - name: other\n    ips: [10.0.0.3]\n")
+    conns = replay_tables([path], config=load_config(config))["connections"]
+    assert set(conns["device"]) == {PHONE_MAC, "other"}
+
+
+def test_device_map_order_config_link_layer_peer_address():
+    from observer.devices import DeviceMap, address_key
+
+    config = LabConfig(devices=(Device("pixel", ips=("10.0.0.2",)),
+                                Device("tab", prefixes=("fd00:7::/64",)),
+                                Device("watch", macs=("02:00:00:00:00:09",))))
+    devices = DeviceMap.from_config(config)
+    assert devices.name("10.0.0.2") == "pixel"
+    assert devices.name("fd00:7::1234") == "tab" == config.device_of("fd00:7::1")
+    assert devices.name("10.0.0.9", mac="02:00:00:00:00:09") == "watch"
+    assert config.device_of("10.0.0.9") is None
+    hi, lo = address_key("2001:db8::5")
+    devices.learn(np.array([hi], np.uint64), np.array([lo], np.uint64),
+                  np.array([0x02000000000A], np.uint64))
+    assert devices.name("2001:db8::5") == "02:00:00:00:00:0a"  # seen with that MAC before
+    assert devices.name("10.0.0.77", peer="wg-phone") == "wg-phone"
+    assert devices.name("2001:0db8:0::0007") == "2001:db8::7"  # the usual text form
+
+
+def nightly_dual_stack(path: Path, nights: int = 7) -> Path:
+    """A phone (one MAC) that uploads 3 MB to backup.example.com at 02:00 every night, over IPv4
+    on even nights and over a new temporary IPv6 address on odd ones, and sends a little to Meta
+    every 3 hours."""
+    frames = []
+    day0 = T0 // 86_400 * 86_400
+
+    def add(packet, up: bool, t: float) -> None:
+        frame = Ether(src=PHONE_MAC if up else GATEWAY_MAC, dst=GATEWAY_MAC if up else PHONE_MAC)
+        frame = frame / packet
+        frame.time = t
+        frames.append(frame)
+
+    def conv(c: str, s: str, port: int, t: float, up: list[bytes], down: bytes = b"") -> None:
+        ip = IPv6 if ":" in c else IP
+        add(ip(src=c, dst=s) / TCP(sport=port, dport=443, flags="S"), True, t)
+        add(ip(src=s, dst=c) / TCP(sport=443, dport=port, flags="SA"), False, t + 0.01)
+        for k, data in enumerate(up):
+            add(ip(src=c, dst=s) / TCP(sport=port, dport=443, flags="PA") / Raw(data), True,
+                t + 0.1 + k * 0.5)
+        if down:
+            add(ip(src=s, dst=c) / TCP(sport=443, dport=port, flags="PA") / Raw(down), False,
+                t + 0.05)
+        add(ip(src=c, dst=s) / TCP(sport=port, dport=443, flags="FA"), True, t + 40)
+        add(ip(src=s, dst=c) / TCP(sport=443, dport=port, flags="FA"), False, t + 40.01)
+
+    for night in range(nights):
+        v6 = night % 2 == 1
+        conv(f"2001:db8:7::{night + 10:x}" if v6 else CLIENT, "2001:db8:ff::1" if v6 else SERVER,
+             50_000 + night, day0 + night * 86_400 + 7200 + 37 * (night % 3),
+             [client_hello("backup.example.com")] + [b"u" * 50_000] * 60)
+        for hour in range(0, 24, 3):
+            conv(CLIENT, "157.240.0.1", 30_000 + night * 24 + hour,
+                 day0 + night * 86_400 + hour * 3600 + 500, [b"c" * 300], b"d" * 900)
+    return write(path, sorted(frames, key=lambda p: float(p.time)))
+
+
+def test_dual_stack_nightly_upload_end_to_end_is_one_device_one_schedule(tmp_path, capsys):
+    """replay -> analyze -> report: a phone's nightly upload that alternates between IPv4 and
+    rotating IPv6 addresses is one device and one daily schedule, not several devices."""
+    import json
+
+    records, report = tmp_path / "records", tmp_path / "report"
+    assert main(["replay", str(nightly_dual_stack(tmp_path / "n.pcap")), "-o", str(records)]) == 0
+    conns = read_table(records, "connections")
+    assert set(conns["device"]) == {PHONE_MAC}
+    assert conns["client_ip"].nunique() == 1 + 3  # IPv4 and three temporary IPv6 addresses
+    assert main(["analyze", str(records), "-o", str(tmp_path / "findings.json")]) == 0
+    findings = json.loads((tmp_path / "findings.json").read_text())["findings"]
+    upload = [f for f in findings if f["verdict"] == "periodic bulk upload"]
+    assert [(f["device"], f["group"], f["period_s"], f["occurrences"]) for f in upload] == [
+        (PHONE_MAC, "example.com", 86_400.0, 7)]
+    assert {f["device"] for f in findings} == {PHONE_MAC}
+    assert main(["report", str(records), "-o", str(report)]) == 0
+    assert not (report / "index.html").exists()  # one device: one report
+    assert "example.com" in (report / "report.md").read_text()
+    capsys.readouterr()
+
+
+TABLE_KEYS = {"connections": ["conn_id"], "activity": ["conn_id", "ts_bin"],
+              "dns": ["ts", "client_ip", "query", "answer"], "sessions": ["session_id"]}
+
+
+def sorted_table(records: Path, name: str) -> pd.DataFrame:
+    frame = read_table(records, name)
+    return frame.sort_values(TABLE_KEYS[name], ignore_index=True)[sorted(frame.columns)]
+
+
+def test_jobs_replay_a_rotated_capture_into_the_same_records(tmp_path, capsys):
+    from observer.simulate import load_scenario, simulate
+
+    capture = tmp_path / "fleet"
+    simulate(load_scenario("fleet").with_days(1), capture, progress=False)
+    files = sorted(capture.glob("*.pcap"))
+    one, three = tmp_path / "one", tmp_path / "three"
+    assert main(["replay", str(capture), "-o", str(one), "--jobs", "1", "--no-progress"]) == 0
+    assert main(["replay", *map(str, files), "-o", str(three), "-j", "3", "--no-progress"]) == 0
+    assert "24 file(s)" in capsys.readouterr().out
+    conns = sorted_table(one, "connections")
+    bounds = [float(read_table(one, "sessions")["ts_start"].sort_values().iloc[i]) for i in (1, 2)]
+    spanning = conns[(conns["ts_start"] < bounds[0]) & (conns["ts_end"] > bounds[1])]
+    assert len(files) == 24 and len(spanning) > 0  # connections run on across rotations
+    for name in TABLE_KEYS:
+        a, b = sorted_table(one, name), sorted_table(three, name)
+        assert len(a) > 0
+        pd.testing.assert_frame_equal(a, b)
+
+
+def test_jobs_keep_fragments_that_span_files_and_errors_per_file(tmp_path):
+    datagram = IP(src=CLIENT, dst=SERVER, id=78) / UDP(sport=5001, dport=4433) / Raw(b"x" * 3000)
+    frags = fragment(datagram, fragsize=1000)
+    for i, p in enumerate(frags):
+        p.time = T0 + i
+    first = write(tmp_path / "a-0.pcap", frags[:2], linktype=101)
+    second = write(tmp_path / "a-1.pcap", [*frags[2:], *tcp_conv(t0=T0 + 10)], linktype=101)
+    third = write(tmp_path / "a-2.pcap", tcp_conv(cport=40100, t0=T0 + 20), linktype=101)
+    cut = tmp_path / "a-3.pcap"
+    cut.write_bytes(third.read_bytes()[:-5])
+    paths = [first, second, tmp_path / "missing.pcap", third, cut, third]
+    runs = []
+    for jobs in (1, 2, 3):
+        stats = ReplayStats()
+        tables = replay_tables(paths, stats=stats, jobs=jobs)
+        runs.append((tables, stats))
+    for tables, stats in runs:
+        udp = only(tables["connections"], client_port=5001)
+        assert (udp.packets_up, udp.bytes_up) == (1, 3000)  # reassembled across the two files
+        assert stats.packets == runs[0][1].packets and stats.errors == runs[0][1].errors
+        assert len(stats.errors) == 2 and stats.files == 6
+        for name, frame in tables.items():
+            pd.testing.assert_frame_equal(frame, runs[0][0][name])

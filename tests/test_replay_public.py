@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from observer.config import LabConfig, TimeWindow
 from observer.records import read_table
 from observer.sources import replay
+from observer.sources.pipeline import ReplayStats, replay_tables
 
 CAPTURES = Path(__file__).parents[2] / "shared" / "captures"
 
@@ -19,7 +21,9 @@ def test_every_public_capture_replays_without_a_traceback(tmp_path):
                    for p in (CAPTURES / folder).iterdir() if p.name.endswith((".pcap", ".pcapng",
                                                                             ".gz")))
     assert len(files) > 850
-    stats = replay(files, tmp_path / "records", progress=False)
+    # tcpdump's suite holds captures from the 1990s and some timed at 0: widen the time window
+    historic = LabConfig(time_window=TimeWindow(earliest=0.0))
+    stats = replay(files, tmp_path / "records", config=historic, progress=False)
     sessions = read_table(tmp_path / "records", "sessions")
     assert sorted(sessions["interface"]) == sorted(p.name for p in files)
     by_file = {p.name: p for p in files}
@@ -34,3 +38,17 @@ def test_every_public_capture_replays_without_a_traceback(tmp_path):
     assert stats.connections > 500 and stats.packets > 10_000
     assert stats.skipped["malformed IP header"] > 0 and stats.skipped["not IP"] > 0
     assert len(read_table(tmp_path / "records", "connections")) == stats.connections
+
+
+@pytest.mark.skipif(not (CAPTURES / "tcpdump-tests").is_dir(), reason="public captures absent")
+def test_the_default_time_window_skips_and_counts_absurd_times():
+    """Packets timed at 0 (1970) are counted as skipped, not turned into records."""
+    path = CAPTURES / "tcpdump-tests" / "unsupported-link-type-160.pcap"
+    stats = ReplayStats()
+    tables = replay_tables([path], stats=stats)
+    assert stats.skipped["timestamp outside the time window"] == stats.packets > 0
+    assert tables["connections"].empty
+    widened = ReplayStats()
+    replay_tables([path], config=LabConfig(time_window=TimeWindow(earliest=0.0)), stats=widened)
+    assert not widened.skipped["timestamp outside the time window"]
+    assert "unsupported link type 160" in widened.errors[0]

@@ -45,36 +45,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from observer import ObserverError
     from observer.config import load_config
+    from observer.devices import DeviceMap
+    from observer.sources.engine import FlowSettings
     from observer.sources.live import CaptureOptions, StopFlag, device_filter, run_capture
 
     if args.filesize < 0 or args.duration < 0 or args.files < 0 or args.buffer <= 0:
         raise ObserverError(
             "--filesize, --duration and --files must be 0 or more, --buffer above 0"
         )
-    device_ips: tuple[str, ...] = ()
-    bin_s, udp_idle_s = 10.0, 120.0
+    config = load_config(args.config) if args.config else None
     bpf = args.bpf
-    if args.config:
-        config = load_config(args.config)
-        bin_s, udp_idle_s = config.bin_seconds, config.udp_idle_timeout_s
-        if args.device:
-            known = {d.name: d for d in config.devices}
-            if args.device not in known:
-                names = ", ".join(known) or "none"
-                raise ObserverError(
-                    f"no device {args.device!r} in {args.config} (devices: {names})"
-                )
-            device_ips = known[args.device].ips
-            bpf = bpf or device_filter(known[args.device])
+    if config is not None and args.device:
+        known = {d.name: d for d in config.devices}
+        if args.device not in known:
+            names = ", ".join(known) or "none"
+            raise ObserverError(
+                f"no device {args.device!r} in {args.config} (devices: {names})"
+            )
+        bpf = bpf or device_filter(known[args.device])
     if not bpf:
         raise ObserverError("give --device NAME with --config LAB.yaml, or --filter BPF")
     name = args.device or args.iface
     opts = CaptureOptions(
         iface=args.iface, bpf=bpf, directory=args.dir / name, device=name,
-        device_ips=device_ips, backend=args.backend,
+        devices=DeviceMap.from_config(config), backend=args.backend,
         filesize=int(args.filesize * 1_000_000) or None, duration_s=args.duration or None,
         max_files=args.files or None, stop_after_s=args.stop_after, records_dir=args.records,
-        buffer_bytes=int(args.buffer * 1024 * 1024), bin_s=bin_s, udp_idle_s=udp_idle_s,
+        buffer_bytes=int(args.buffer * 1024 * 1024), flow=FlowSettings.of(config),
     )
     stop = StopFlag()
     stop.install()

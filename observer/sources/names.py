@@ -12,13 +12,17 @@ import socket
 import struct
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
+from observer.devices import address_key, address_strings
 from observer.sources.decode import Packets
-from observer.sources.flows import address_key, address_strings
 from observer.sources.pcapfile import words
+
+if TYPE_CHECKING:
+    from observer.sources.flows import Tracker
 
 HTTP_METHODS = [int.from_bytes(m.encode()[:4], "big") for m in
                 ("GET ", "POST", "PUT ", "HEAD", "DELETE", "OPTIONS", "PATCH", "CONNECT")]
@@ -43,7 +47,9 @@ class _Pending:
 
 
 class Namer:
-    """Collect names per connection id, and DNS answers, from batches of packets."""
+    """Collect names per connection id, and DNS answers, from batches of packets: the flow
+    engine's plugin for ``server_name``, ``name_source``, ``alpn``, ``tls``, QUIC and the ``dns``
+    table (``observer.sources.engine.FlowPlugin``)."""
 
     def __init__(self) -> None:
         self.names: dict[int, tuple[str, str, str | None]] = {}  # gid -> (name, source, alpn)
@@ -56,8 +62,43 @@ class Namer:
         self._mapped = 0  # parts already in the answer map
         self.answers = pd.DataFrame({k: np.zeros(0, t) for k, t in ANSWER_COLUMNS.items()})
         self.dns_names: dict[int, str] = {}  # gid -> name of the address from a DNS answer
+        self._dns_from = 0  # serial of the first connection not yet named from DNS answers
 
-    def scan(self, pk: Packets, gid: np.ndarray, up: np.ndarray) -> None:
+    # -- the flow engine's plugin hooks (``batch`` is below) --------------------------------------
+    def prepare(self, tracker: Tracker, now: float | None) -> None:
+        """Map the DNS answers seen so far and name the connections new since the last call."""
+        self.map_answers(now)
+        serials = tracker.conns.view("serial")
+        new = np.arange(np.searchsorted(serials, self._dns_from), serials.size)
+        self.name_from_dns(serials[new], tracker.conns["ts_start"][new], tracker.ends(new))
+        self._dns_from = int(serials[-1]) + 1 if serials.size else self._dns_from
+
+    def waiting(self) -> int:
+        return self.pending_dns()
+
+    def columns(self, conns: pd.DataFrame, gids: np.ndarray) -> pd.DataFrame:
+        """Protocol, TLS state and server name of connections ``gids``."""
+        udp = conns["proto"].to_numpy() == "udp"
+        quic = udp & np.isin(gids, np.fromiter(self.quic, np.int64, len(self.quic)))
+        tls = np.isin(gids, np.fromiter(self.tls, np.int64, len(self.tls)))
+        conns["proto"] = np.where(quic, "quic", conns["proto"])
+        conns["tls"] = np.where(tls | quic, "unknown", "none")
+        names = [self.names.get(g, (None, None, None)) for g in gids.tolist()]
+        from_dns = [self.dns_names.get(g) for g in gids.tolist()]
+        conns["server_name"] = [n[0] or d for n, d in zip(names, from_dns, strict=True)]
+        conns["name_source"] = [n[1] if n[0] else ("dns" if d else n[1])
+                                for n, d in zip(names, from_dns, strict=True)]
+        conns["alpn"] = [n[2] for n in names]
+        conns["name_source"] = conns["name_source"].fillna("none")
+        return conns
+
+    def tables(self) -> dict[str, pd.DataFrame]:
+        return {"dns": self.dns()}
+
+    # -- per batch --------------------------------------------------------------------------------
+    def batch(self, pk: Packets, gid: np.ndarray, up: np.ndarray) -> None:
+        """Pick out the packets that carry names (each packet's connection ``gid``, direction
+        ``up``) and dissect only those."""
         if not len(pk):
             return
         buf = pk.buf

@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import struct
 import zlib
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
+
+from observer import ObserverError
+from observer.config import LabConfig, TimeWindow
 
 PCAP_MAGICS = {
     b"\xd4\xc3\xb2\xa1": ("<", 1e-6, 16),
@@ -34,6 +38,8 @@ PAD = 256  # slack after the data so fixed-width header windows never leave the 
 MAX_RECORD = 1 << 24  # larger than any link type's maximum snapshot length: a damaged header
 BATCH_BYTES = 8 << 20  # bytes of records per batch: bounds the per-packet temporary arrays
 MAX_BATCH = 1 << 17  # pcapng blocks per batch, for the same reason
+NAME = "pcap or pcapng capture (also gzip-compressed)"
+PACKETS = True  # read() gives packet batches for the flow engine, not record tables
 
 
 def words(buf: np.ndarray, dtype: str) -> np.ndarray:
@@ -64,6 +70,19 @@ def kind_of(head: bytes) -> str | None:
     if head[:2] == GZIP_MAGIC:
         return "gzip"
     return None
+
+
+def sniff(head: bytes, path: Path) -> bool:
+    """A pcap or pcapng file (``head`` is already inside gzip compression)."""
+    return kind_of(head) in ("pcap", "pcapng")
+
+
+def read(path: Path, config: LabConfig | None = None) -> Batches:
+    """The packets of a capture file, in batches, for the flow engine."""
+    try:
+        return Batches(path, window=TimeWindow.of(config))
+    except OSError as exc:
+        raise ObserverError(f"cannot read {path}: {exc.strerror or exc}") from None
 
 
 class _Filler:
@@ -104,14 +123,21 @@ class _Filler:
 
 
 class Batches:
-    """A capture file's packets in batches; ``error`` and ``packets`` are set as it goes."""
+    """A capture file's packets in batches; ``error``, ``packets`` and ``skipped`` are set as it
+    goes.  Packets whose time lies outside ``window`` are dropped and counted in ``skipped``."""
 
-    def __init__(self, path: Path, *, compressed: bool = False) -> None:
+    def __init__(self, path: Path, *, compressed: bool | None = None,
+                 window: TimeWindow | None = None) -> None:
         self.path = path
         self.stream: BinaryIO | _Prefixed
+        if compressed is None:
+            with open(path, "rb") as raw:
+                compressed = raw.read(2) == GZIP_MAGIC
         self.compressed = compressed
         self.error: str | None = None
         self.packets = 0
+        self.skipped: Counter[str] = Counter()
+        self.window = (window or TimeWindow()).bounds()
         # a small file gets a small buffer: zeroing 32 MiB costs more than reading a tiny file
         size = path.stat().st_size * (8 if compressed else 1)
         self.buffer_bytes = max(1 << 16, min(BUFFER_BYTES, size + 4096))
@@ -121,14 +147,28 @@ class Batches:
         self.error = f"{self.path}: {what} at {where} {offset}"
 
     def __iter__(self) -> Iterator[Batch]:
-        with open(self.path, "rb") as raw:
-            stream = _Gunzip(raw) if self.compressed else raw
-            head = stream.read(4)
-            self.stream = _Prefixed(head, stream)
-            if head in PCAP_MAGICS:
-                yield from self._pcap()
-            else:
-                yield from self._pcapng()
+        try:
+            with open(self.path, "rb") as raw:
+                stream = _Gunzip(raw) if self.compressed else raw
+                head = stream.read(4)
+                self.stream = _Prefixed(head, stream)
+                batches = self._pcap() if head in PCAP_MAGICS else self._pcapng()
+                for batch in batches:
+                    batch = self._in_window(batch)
+                    if batch.ts.size:
+                        yield batch
+        except OSError as exc:  # a disk error or a file gone: what was read stays
+            self.error = f"{self.path}: cannot read: {exc.strerror or exc}"
+
+    def _in_window(self, batch: Batch) -> Batch:
+        """The batch without packets timed outside the window (counted as skipped)."""
+        lo, hi = self.window
+        keep = (batch.ts >= lo) & (batch.ts <= hi)
+        if keep.all():
+            return batch
+        self.skipped["timestamp outside the time window"] += int(keep.size - keep.sum())
+        return Batch(batch.buf, batch.data_off[keep], batch.caplen[keep], batch.origlen[keep],
+                     batch.ts[keep], batch.linktype[keep])
 
     # -- pcap ---------------------------------------------------------------------------------
     def _pcap(self) -> Iterator[Batch]:
@@ -409,9 +449,11 @@ class _Section:
 
 class _Gunzip:
     """A gzip file as a stream that keeps everything before a damaged or missing end (unlike
-    ``gzip.GzipFile``, which loses the data of the read that hits the damage)."""
+    ``gzip.GzipFile``, which loses the data of the read that hits the damage).  Zero bytes after
+    the last member are padding (tape blocks, preallocated files), as ``gzip -d`` reads them."""
 
     STEP = 1 << 20
+    SALVAGE = 256  # input bytes per step when a damaged piece is decompressed again
 
     def __init__(self, raw: BinaryIO) -> None:
         self.raw = raw
@@ -428,20 +470,36 @@ class _Gunzip:
                     self.error = "compressed stream ends early"
                 self.done = True
                 break
+            before = self.z.copy()
             try:
                 self.out = self.z.decompress(data, self.STEP * 4)
             except zlib.error as exc:
+                self.out = self._salvage(before, data)
                 self.error = f"corrupt compressed stream ({exc})"
                 self.done = True
                 break
-            if self.z.eof and self.z.unused_data:  # a further gzip member follows
-                rest = self.z.unused_data
+            rest = self.z.unused_data
+            if self.z.eof and rest.strip(b"\0"):  # a further gzip member follows
                 self.z = zlib.decompressobj(31)
-                self.out += self.z.decompress(rest, self.STEP * 4)
+                try:
+                    self.out += self.z.decompress(rest, self.STEP * 4)
+                except zlib.error as exc:
+                    self.error = f"corrupt compressed stream after a member ({exc})"
+                    self.done = True
         n = min(len(self.out), len(view))
         view[:n] = self.out[:n]
         self.out = self.out[n:]
         return n
+
+    def _salvage(self, z: Any, data: bytes) -> bytes:
+        """What ``data`` decompresses to before the damage, fed in small steps."""
+        out = bytearray()
+        for start in range(0, len(data), self.SALVAGE):
+            try:
+                out += z.decompress(data[start : start + self.SALVAGE])
+            except zlib.error:
+                break
+        return bytes(out)
 
     def read(self, n: int) -> bytes:
         out = bytearray(n)
@@ -477,6 +535,16 @@ class _Prefixed:
         out = bytearray(n)
         got = self.readinto(memoryview(out))
         return bytes(out[:got])
+
+
+def gunzip(path: Path) -> tuple[bytes, str | None]:
+    """A whole gzip file's content, and if it is damaged, the bytes before the damage and why."""
+    with open(path, "rb") as raw:
+        stream = _Gunzip(raw)
+        parts = []
+        while chunk := stream.read(_Gunzip.STEP * 4):
+            parts.append(chunk)
+        return b"".join(parts), stream.error
 
 
 def gunzip_head(path: Path, size: int) -> bytes:

@@ -1,21 +1,21 @@
 """Replay saved captures into record tables: choose a reader by content, track, name, write.
 
-Capture files (pcap, pcapng, gzip) go through the vectorised reader, decoder and tracker; other
-formats go to importer modules (``observer.sources.mitmflows``, ``observer.sources.imports``), each
-with ``sniff(head, path) -> bool`` and ``read(path, config) -> dict[str, DataFrame]``.  A damaged
-file ends with one error line; what was read before it is kept and the other files still run.
+The reader is chosen from the one list of input formats (``observer.sources.formats``): capture
+files (pcap, pcapng, gzip) give packet batches to the flow engine; the other formats give record
+tables.  A damaged file ends with one error line; what was read before it is kept and the other
+files still run.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -23,23 +23,22 @@ import pandas as pd
 import pyarrow as pa
 
 from observer import ObserverError
-from observer.records import TABLES, TIME_COLUMN, conform, write_table
-from observer.sources.decode import Decoder, link_name
-from observer.sources.flows import Tracker, address_key, device_keys
-from observer.sources.names import Namer
-from observer.sources.pcapfile import Batches, gunzip_head, kind_of
+from observer.devices import DeviceMap
+from observer.records import TABLES, TIME_COLUMN, RecordRun, conform
+from observer.sources.decode import link_name
+from observer.sources.engine import FlowEngine, FlowSettings
+from observer.sources.formats import format_for, is_packets, names
+from observer.sources.pcapfile import gunzip_head, kind_of
+from observer.sources.workers import Decoders, FileEnd, Step
 
 if TYPE_CHECKING:
     from observer.config import LabConfig
 
-IMPORTERS = ("observer.sources.mitmflows", "observer.sources.imports")
 HEAD_BYTES = 4096
-WRITE_ROWS = 1 << 14  # rows per table slice: bounds the memory of building and writing one
 CHECK_BATCHES = 4  # look for finished connections every this many batches (<= 8 MB each)
 FLUSH_ROWS = 1 << 14  # hand out finished rows once this many are ready (bounds what is held)
-TCP_QUIET_S = 300.0  # a closed TCP connection is finished after this long without a packet
-WRITE_DAYS = 1  # days (partitions) per Parquet write at most
-ACTIVITY_SLACK_S = 60.0  # a live connection's bin is complete this long after it ends
+WRITE_DAYS = 7  # days per records write at most (a write makes a part per day; 1 cost 20% more
+# CPU in per-write overhead, 7 keeps the peak as flat: 2M -> 20M packets 218 -> 233 MB)
 
 
 @dataclass
@@ -67,20 +66,6 @@ class ReplayStats:
         lines.append(f"malformed {malformed:,}; errors {len(self.errors)}")
         lines.extend(f"error: {e}" for e in self.errors)
         return "\n".join(lines)
-
-
-def _importer_for(head: bytes, path: Path):
-    for name in IMPORTERS:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name and name.startswith(exc.name):
-                continue
-            raise
-        sniff = getattr(module, "sniff", None)
-        if sniff is not None and sniff(head, path):
-            return module
-    return None
 
 
 def _head(path: Path) -> bytes:
@@ -122,118 +107,138 @@ def _gzip_head(path: Path) -> bytes:
 class Replay:
     """One replay run over several files; connections that span files stay one connection.
 
-    Every CHECK_BATCHES batches, connections that can take no more packets (``Tracker.finished``)
-    and activity bins that are complete are handed to ``sink`` with the DNS rows parsed so far,
-    once at least FLUSH_ROWS rows are ready, and their state is dropped: memory follows the
-    connections open at a time, not the length of the captures.  "Now" is the latest packet time
-    of the file being read, so files given out of time order do not close each other's flows.
+    Capture files go through the flow engine (``observer.sources.engine``).  Every CHECK_BATCHES
+    batches, what is finished is handed to ``sink`` once at least FLUSH_ROWS rows are ready.
+    "Now" is the latest packet time of the file being read, so files given out of time order do
+    not close each other's flows.  With ``jobs`` > 1, capture files are read and decoded by
+    ``jobs`` - 1 worker processes ahead of this one (``observer.sources.workers``); tracking stays
+    here, in file order, so the records are the same.
     """
 
     def __init__(self, config: LabConfig | None, sink: Callable[[str, pd.DataFrame], None], *,
-                 udp_idle_s: float | None, bin_s: float | None, progress: bool | None) -> None:
+                 udp_idle_s: float | None, bin_s: float | None, progress: bool | None,
+                 jobs: int = 1) -> None:
         self.config = config
+        self.jobs = jobs
         self.sink = sink
-        devices = [(d.name, d.ips) for d in config.devices] if config else []
-        self.device_addrs = device_keys(devices)
-        idle = udp_idle_s if udp_idle_s is not None else (
-            config.udp_idle_timeout_s if config else 120.0)
-        self.bin_s = bin_s if bin_s is not None else (config.bin_seconds if config else 10.0)
-        if idle <= 0 or self.bin_s <= 0:
-            raise ObserverError("--udp-idle and --bin must be greater than 0")
-        self.decoder = Decoder()
-        self.tracker = Tracker(udp_idle_s=idle, bin_s=self.bin_s, devices=self.device_addrs)
-        self.namer = Namer()
+        self.engine = FlowEngine(FlowSettings.of(config, bin_s=bin_s, udp_idle_s=udp_idle_s),
+                                 self._send, devices=DeviceMap.from_config(config))
         self.stats = ReplayStats()
         self.sessions: list[dict] = []
         self.progress = sys.stderr.isatty() if progress is None else progress
         self._bar = None
         self._batches = 0
-        self._dns_from = 0  # serial of the first connection not yet named from DNS answers
         self._sent: set[str] = set()
+        self._decoders: Decoders | None = None
+
+    def _start_workers(self, files: list[Path | ObserverError]) -> Decoders | None:
+        """Workers for the capture files among ``files`` (none if there are none)."""
+        captures = []
+        for file in files:
+            try:
+                module = format_for(file) if isinstance(file, Path) else None
+            except ObserverError:
+                continue  # said again when its turn comes
+            if module is not None and is_packets(module):
+                captures.append((file, module.__name__))
+        if not captures:
+            return None
+        return Decoders(captures, self.config, self.engine.settings, self.jobs - 1)
 
     def read(self, paths: list[Path]) -> None:
         """Read every file (one error line each for those that fail), handing records to the
         sink as they are finished and the rest at the end."""
         started = time.perf_counter()
+        files: list[Path | ObserverError] = []
+        for path in paths:
+            try:
+                files.extend(_expand(Path(path)))
+            except ObserverError as exc:
+                files.append(exc)
         if self.progress:
             from tqdm import tqdm
 
             self._bar = tqdm(unit=" pkt", unit_scale=True, desc="replay", file=sys.stderr)
         try:
-            for path in paths:
+            if self.jobs > 1:
+                self._decoders = self._start_workers(files)
+            for number, file in enumerate(files, 1):
+                self.stats.files += 1
+                if self._bar is not None:
+                    self._bar.set_postfix_str(f"file {number}/{len(files)}")
                 try:
-                    files = _expand(Path(path))
+                    if isinstance(file, ObserverError):
+                        raise file
+                    self._file(file)
                 except ObserverError as exc:
-                    self.stats.files += 1
                     self.stats.errors.append(str(exc))
-                    continue
-                for file in files:
-                    self.stats.files += 1
-                    try:
-                        self._file(file)
-                    except ObserverError as exc:
-                        self.stats.errors.append(str(exc))
         finally:
+            if self._decoders is not None:
+                self._decoders.close()
             if self._bar is not None:
                 self._bar.close()
         self._finish()
-        self.stats.skipped.update(self.decoder.skipped)
-        self.stats.skipped.update(self.namer.skipped)
+        self.stats.skipped.update(self.engine.skipped)
         self.stats.seconds = time.perf_counter() - started
 
     def _send(self, name: str, frame: pd.DataFrame) -> None:
         """Hand a table part to the sink (which conforms it to the schema)."""
         self._sent.add(name)
+        if name == "connections":
+            self.stats.connections += len(frame)
         self.sink(name, frame)
 
     def _file(self, path: Path) -> None:
-        if path.is_dir():  # a directory no capture file is in: an importer's (Zeek, JSONL)
-            module = _importer_for(b"", path)
-            if module is None:
-                raise ObserverError(f"{path}: directory holds no capture files (pcap, pcapng, "
-                                    "gzip) and no Zeek logs or JSONL records")
-            self._imported(module.read(path, self.config))
-            return
-        head = _head(path)
-        kind = kind_of(head)
-        inner = _gzip_head(path) if kind == "gzip" else head
-        if kind_of(inner) in ("pcap", "pcapng"):
-            self._capture(path, compressed=kind == "gzip")
-            return
-        module = _importer_for(inner, path)
+        module = format_for(path)
+        if module is None and path.is_dir():  # no capture file in it, and no importer's files
+            raise ObserverError(f"{path}: directory holds no capture files (pcap, pcapng, "
+                                "gzip) and no Zeek logs or JSONL records")
         if module is None:
-            what = "gzip file holding " if kind == "gzip" else ""
-            raise ObserverError(f"{path}: {what}unknown file format (not pcap, pcapng, gzip, "
-                                "or any format an importer reads)")
-        self._imported(module.read(path, self.config))
+            raise ObserverError(f"{path}: unknown file format (not a {names()})")
+        if is_packets(module):
+            steps = self._local(path, module)
+            if self._decoders is not None:
+                steps = self._decoders.feed(path, self.engine, lambda: self._local(path, module))
+            self._capture(path, steps)
+        else:
+            self._imported(module.read(path, self.config))
 
     def _imported(self, tables: dict[str, pd.DataFrame]) -> None:
         for name, frame in tables.items():
-            if name == "connections":
-                self.stats.connections += len(frame)
             self._send(name, frame)
 
-    def _capture(self, path: Path, *, compressed: bool) -> None:
-        batches = Batches(path, compressed=compressed)
-        first = last = None
-        before = Counter(self.decoder.unsupported)
+    def _local(self, path: Path, module: ModuleType) -> Iterator[Step | FileEnd]:
+        """Read and feed a capture file in this process: a Step per batch, then its FileEnd."""
+        batches = module.read(path, self.config)
         for batch in batches:
-            if batch.ts.size:
-                lo, hi = float(batch.ts.min()), float(batch.ts.max())
-                first = lo if first is None else min(first, lo)
-                last = hi if last is None else max(last, hi)
-            packets = self.decoder.decode(batch)
-            gid, up = self.tracker.add(packets)
-            self.namer.scan(packets, gid, up)
+            self.engine.feed(batch)
+            n = batch.ts.size
+            yield Step(float(batch.ts.min()) if n else None, float(batch.ts.max()) if n else None,
+                       n)
+        yield FileEnd(batches.packets, batches.skipped, batches.error, Counter(), Counter(), {})
+
+    def _capture(self, path: Path, steps: Iterable[Step | FileEnd]) -> None:
+        """Account a capture file's batches as ``steps`` feed them to the engine."""
+        first = last = None
+        decoder = self.engine.decoder
+        before = Counter(decoder.unsupported)
+        for step in steps:
+            if isinstance(step, FileEnd):
+                end = step
+                break
+            if step.count:
+                first = step.lo if first is None else min(first, step.lo)
+                last = step.hi if last is None else max(last, step.hi)
             if self._bar is not None:
-                self._bar.update(batch.ts.size)
+                self._bar.update(step.count)
             self._batches += 1
             if last is not None and self._batches % CHECK_BATCHES == 0:
-                self._check(last)
-        self.stats.packets += batches.packets
-        error = batches.error
-        lost = self.decoder.unsupported - before
-        if error is None and batches.packets and lost.total() == batches.packets:
+                self.engine.flush(last, min_rows=FLUSH_ROWS)
+        self.stats.packets += end.packets
+        self.stats.skipped.update(end.skipped)
+        error = end.error
+        lost = decoder.unsupported - before
+        if error is None and end.packets and lost.total() == end.packets:
             kinds = ", ".join(link_name(lt) for lt in sorted(lost))
             error = f"{path}: unsupported {kinds}; replay reads Ethernet, Linux cooked, raw IP " \
                     "and loopback captures"
@@ -243,46 +248,11 @@ class Replay:
             "session_id": "pcap-" + hashlib.blake2b(f"{path.name}|{first}".encode(),
                                                     digest_size=8).hexdigest(),
             "source": "pcap", "ts_start": first, "ts_end": last, "interface": path.name,
-            "packets_captured": batches.packets, "note": error,
+            "packets_captured": end.packets, "note": error,
         })
 
-    def _check(self, now: float | None) -> None:
-        """Name new connections from DNS; hand out what is finished by ``now`` once there is
-        enough of it (everything when ``now`` is None, at the end)."""
-        tracker, namer = self.tracker, self.namer
-        namer.map_answers(now)
-        serials = tracker.conns.view("serial")
-        new = np.arange(np.searchsorted(serials, self._dns_from), serials.size)
-        namer.name_from_dns(serials[new], tracker.conns["ts_start"][new], tracker.ends(new))
-        self._dns_from = int(serials[-1]) + 1 if serials.size else self._dns_from
-        if now is None:
-            done, before, end = np.arange(serials.size), np.inf, max(
-                (s["ts_end"] for s in self.sessions if s["ts_end"] is not None), default=0.0)
-        else:
-            done = tracker.finished(now, TCP_QUIET_S)
-            if done.size + namer.pending_dns() + tracker.pending_activity() < FLUSH_ROWS:
-                return
-            before, end = np.floor((now - ACTIVITY_SLACK_S) / self.bin_s), now
-        done = done[np.argsort(tracker.conns["ts_start"][done], kind="stable")]  # few days a slice
-        gids = tracker.serials(done)
-        tracker.issue(done)
-        for start in range(0, done.size, WRITE_ROWS):
-            rows = done[start : start + WRITE_ROWS]
-            conns = self._named(tracker.connections(rows, capture_end=end),
-                                gids[start : start + WRITE_ROWS])
-            self.stats.connections += len(conns)
-            self._send("connections", conns)
-        for part in tracker.activity(gids, before, WRITE_ROWS):
-            self._send("activity", part)
-        dns = namer.dns()
-        dns["device"] = self._devices(dns["client_ip"])
-        for start in range(0, len(dns), WRITE_ROWS):
-            self._send("dns", dns.iloc[start : start + WRITE_ROWS])
-        namer.forget(gids)
-        tracker.drop(done)
-
     def _finish(self) -> None:
-        self._check(None)
+        self.engine.flush(None)
         for name in ("dns", "connections", "activity"):  # every table, even empty
             if name not in self._sent:
                 self._send(name, pd.DataFrame(columns=list(TABLES[name])))
@@ -291,38 +261,15 @@ class Replay:
             sessions["device"] = self.config.devices[0].name
         self._send("sessions", sessions)
 
-    def _named(self, conns: pd.DataFrame, gids: np.ndarray) -> pd.DataFrame:
-        """Protocol, TLS state and server name of connections ``gids``."""
-        namer = self.namer
-        udp = conns["proto"].to_numpy() == "udp"
-        quic = udp & np.isin(gids, np.fromiter(namer.quic, np.int64, len(namer.quic)))
-        tls = np.isin(gids, np.fromiter(namer.tls, np.int64, len(namer.tls)))
-        conns["proto"] = np.where(quic, "quic", conns["proto"])
-        conns["tls"] = np.where(tls | quic, "unknown", "none")
-        names = [namer.names.get(g, (None, None, None)) for g in gids.tolist()]
-        from_dns = [namer.dns_names.get(g) for g in gids.tolist()]
-        conns["server_name"] = [n[0] or d for n, d in zip(names, from_dns, strict=True)]
-        conns["name_source"] = [n[1] if n[0] else ("dns" if d else n[1])
-                                for n, d in zip(names, from_dns, strict=True)]
-        conns["alpn"] = [n[2] for n in names]
-        conns["name_source"] = conns["name_source"].fillna("none")
-        return conns
-
-    def _devices(self, ips: pd.Series) -> np.ndarray:
-        """Device names for client addresses: the config's name, else the address itself."""
-        names, uniques = pd.factorize(ips.astype(object))
-        named = np.array([self.device_addrs.get(address_key(ip), ip) for ip in uniques], object)
-        return named[names] if len(uniques) else np.array([], object)
-
 
 def replay_tables(paths: list[Path], *, config: LabConfig | None = None,
                   udp_idle_s: float | None = None, bin_s: float | None = None,
                   progress: bool | None = False, stats: ReplayStats | None = None,
-                  ) -> dict[str, pd.DataFrame]:
+                  jobs: int = 1) -> dict[str, pd.DataFrame]:
     """Replay files into schema tables (connections, activity, dns, sessions, and imported ones)."""
     parts: dict[str, list[pd.DataFrame]] = {}
     run = Replay(config, lambda name, frame: parts.setdefault(name, []).append(frame),
-                 udp_idle_s=udp_idle_s, bin_s=bin_s, progress=progress)
+                 udp_idle_s=udp_idle_s, bin_s=bin_s, progress=progress, jobs=jobs)
     run.read(list(paths))
     tables = {name: conform(name, pd.concat([f for f in frames if len(f)] or frames[:1],
                                             ignore_index=True))
@@ -333,9 +280,8 @@ def replay_tables(paths: list[Path], *, config: LabConfig | None = None,
 
 
 def _by_days(frame: pd.DataFrame, column: str) -> Iterator[pd.DataFrame]:
-    """``frame`` in parts of at most WRITE_DAYS days: a write keeps a Parquet writer, with buffers
-    for every column, open per day (partition) it touches, and Arrow's allocator keeps the
-    memory of the largest write."""
+    """``frame`` in parts of at most WRITE_DAYS days: a write holds a Parquet part per day
+    (partition) it touches, and Arrow's allocator keeps the memory of the largest write."""
     if frame.empty:
         yield frame
         return
@@ -346,21 +292,27 @@ def _by_days(frame: pd.DataFrame, column: str) -> Iterator[pd.DataFrame]:
 
 def replay(paths: list[Path], out_dir: Path, *, config: LabConfig | None = None,
            overwrite: bool = False, progress: bool | None = None,
-           udp_idle_s: float | None = None, bin_s: float | None = None) -> ReplayStats:
+           udp_idle_s: float | None = None, bin_s: float | None = None,
+           run: RecordRun | None = None, jobs: int = 1) -> ReplayStats:
     """Replay files and write their records under ``out_dir`` as they are finished (Parquet
-    part files); errors are in the stats."""
+    part files); errors are in the stats.  The records count once the whole replay is done: in
+    ``run`` (a transaction the caller commits) or in one of its own.  ``jobs`` > 1: decode in
+    that many processes (with this one), the same records."""
+    if run is None:
+        with RecordRun(out_dir, overwrite=overwrite, command="replay") as own:
+            return replay(paths, out_dir, config=config, progress=progress,
+                          udp_idle_s=udp_idle_s, bin_s=bin_s, run=own, jobs=jobs)
     rows: dict[str, int] = {}
     pool = pa.default_memory_pool()
 
     def write(name: str, frame: pd.DataFrame) -> None:
-        first = overwrite and name not in rows
         rows[name] = rows.get(name, 0)
         for part in _by_days(frame, TIME_COLUMN[name]):
-            rows[name] += write_table(out_dir, name, part, overwrite=first)
-            first = False
+            rows[name] += run.write(name, part)
             pool.release_unused()  # Arrow keeps freed buffers; without this the peak grows
 
-    run = Replay(config, write, udp_idle_s=udp_idle_s, bin_s=bin_s, progress=progress)
-    run.read(list(paths))
-    run.stats.rows = rows
-    return run.stats
+    replaying = Replay(config, write, udp_idle_s=udp_idle_s, bin_s=bin_s, progress=progress,
+                       jobs=jobs)
+    replaying.read(list(paths))
+    replaying.stats.rows = rows
+    return replaying.stats

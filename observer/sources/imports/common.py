@@ -1,55 +1,44 @@
-"""Helpers every importer shares: devices, redaction, sessions, and opening compressed logs."""
+"""Helpers every importer shares: devices, sessions, and opening compressed logs."""
 
 from __future__ import annotations
 
-import gzip
 import zlib
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import pandas as pd
 
 from observer import ObserverError
 from observer.config import LabConfig
+from observer.devices import DeviceMap
 from observer.records import conform
+from observer.sources.pcapfile import gunzip
 
 GZIP_MAGIC = b"\x1f\x8b"
-REDACTED = "<redacted>"
 
 
-def read_bytes(path: Path) -> bytes:
-    """The file's content, transparently gunzipped (Zeek archives) or inflated (mitmproxy .zhar)."""
+def read_bytes(path: Path) -> tuple[bytes, str | None]:
+    """The file's content, transparently gunzipped (Zeek archives) or inflated (mitmproxy .zhar).
+
+    A damaged gzip file gives the content before the damage and a note saying where it stopped,
+    so a line-based log keeps its lines before the fault; nothing readable is an error.
+    """
     try:
         data = path.read_bytes()
+        if data[:2] == GZIP_MAGIC:
+            content, damage = gunzip(path)
+            if damage is None:
+                return content, None
+            if not content:
+                raise ObserverError(f"{path}: damaged gzip file: {damage}")
+            return content, f"damaged gzip file: {damage} after {len(content)} bytes of content"
     except OSError as exc:
         raise ObserverError(f"cannot read {path}: {exc.strerror or exc}") from None
-    if data[:2] == GZIP_MAGIC:
-        try:
-            return gzip.decompress(data)
-        except (OSError, EOFError, zlib.error) as exc:
-            raise ObserverError(f"{path}: damaged gzip file: {exc}") from None
     if path.suffix == ".zhar":
         try:
-            return zlib.decompress(data)
+            return zlib.decompress(data), None
         except zlib.error as exc:
             raise ObserverError(f"{path}: damaged .zhar (zlib) file: {exc}") from None
-    return data
-
-
-def head_of(head: bytes, path: Path, size: int = 4096) -> bytes:
-    """The first bytes of the file's content, looking inside gzip and .zhar compression."""
-    if head[:2] == GZIP_MAGIC:
-        try:
-            with gzip.open(path, "rb") as f:
-                return f.read(size)
-        except (OSError, EOFError, zlib.error):
-            return b""
-    if path.suffix == ".zhar":
-        try:
-            return zlib.decompressobj().decompress(path.read_bytes()[: size * 8], size)
-        except (OSError, zlib.error):
-            return b""
-    return head
+    return data, None
 
 
 def counts(values: pd.Series) -> pd.Series:
@@ -60,24 +49,10 @@ def counts(values: pd.Series) -> pd.Series:
 
 
 def devices(client_ips: pd.Series, config: LabConfig | None) -> pd.Series:
-    """Device names for client addresses: the lab config's name, else the address itself."""
-    if config is None or not config.devices:
-        return client_ips.astype("string")
-    names = {ip: config.device_of(ip) for ip in client_ips.dropna().unique()}
-    mapped = client_ips.map(lambda ip: names.get(ip) or ip if isinstance(ip, str) else pd.NA)
-    return mapped.astype("string")
-
-
-def redact_path(url: str, redact: bool = True) -> str:
-    """The path of a URL; its query string replaced by a marker unless redaction is off.
-
-    Fragments are dropped always: browsers never send them, HAR files sometimes keep them.
-    """
-    parts = urlsplit(url)
-    path = parts.path or "/"
-    if parts.query:
-        path += "?" + (REDACTED if redact else parts.query)
-    return path
+    """Device names for client addresses, from the one device map (``observer.devices``): the
+    lab config's name (address, prefix), else the address in its usual text form."""
+    names = DeviceMap.from_config(config).names_of(client_ips)
+    return pd.Series(names, index=client_ips.index, dtype="string")
 
 
 def session(path: Path, kind: str, ts_start: float | None, ts_end: float | None,

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from observer import ObserverError
-from observer.config import LabConfig
+from observer.config import LabConfig, TimeWindow
 from observer.records import conform, empty
 from observer.sources.imports.common import counts, devices, read_bytes, session
 
@@ -24,9 +24,10 @@ IP_PROTOCOLS = {"6": "tcp", "17": "udp", "1": "icmp", "58": "icmp"}
 TLS_PROTOCOLS = {"tls", "https", "quic", "imaps", "smtps", "pop3s"}
 # Epoch milliseconds pass 1e11 in 1973; epoch seconds will not reach it for millennia.
 MILLISECONDS_ABOVE = 1e11
+NAME = "PCAPdroid connections CSV"
 
 
-def sniff(head: bytes) -> bool:
+def sniff(head: bytes, path: Path) -> bool:
     first = head.lstrip(b"\xef\xbb\xbf").split(b"\n", 1)[0].strip().lower()
     return first.startswith(b"ipproto,srcip,srcport,dstip,dstport")
 
@@ -45,20 +46,45 @@ def _text(rows: pd.DataFrame, column: str) -> pd.Series:
     return rows[column].str.strip().replace("", pd.NA).astype("string")
 
 
-def read(path: Path, config: LabConfig | None = None) -> dict[str, pd.DataFrame]:
-    """Import a PCAPdroid connections CSV."""
-    text = read_bytes(path).decode("utf-8-sig", errors="replace")
+def _rows(text: str, path: Path) -> tuple[pd.DataFrame, list[int], list[int]]:
+    """The CSV's rows as text, the line of each, and the lines of rows skipped because they
+    have the wrong number of fields or do not parse as CSV."""
+    reader = csv.reader(io.StringIO(text))
     try:
-        rows = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False,
-                           on_bad_lines="skip", quoting=csv.QUOTE_MINIMAL)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
-        raise ObserverError(f"{path}: not a readable CSV: {str(exc).splitlines()[0]}")
-    rows.columns = [c.strip() for c in rows.columns]
-    missing = [c for c in REQUIRED if c not in rows.columns]
+        header = [name.strip() for name in next(reader)]
+    except (StopIteration, csv.Error) as exc:
+        raise ObserverError(f"{path}: not a readable CSV ({exc or 'empty'})") from None
+    missing = [c for c in REQUIRED if c not in header]
     if missing:
         raise ObserverError(f"{path}: PCAPdroid CSV lacks the column(s) {', '.join(missing)}")
-    total_lines = len([line for line in text.splitlines()[1:] if line.strip()])
-    skipped = max(total_lines - len(rows), 0)
+    if len(set(header)) < len(header):
+        raise ObserverError(f"{path}:1: a column name is given twice")
+    rows: list[list[str]] = []
+    lines: list[int] = []
+    bad: list[int] = []
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            break
+        except csv.Error:  # e.g. a field longer than the csv module's limit
+            bad.append(reader.line_num)
+            continue
+        if not any(field.strip() for field in row):
+            continue
+        if len(row) != len(header):
+            bad.append(reader.line_num)
+            continue
+        rows.append(row)
+        lines.append(reader.line_num)
+    return pd.DataFrame(rows, columns=header, dtype=str), lines, bad
+
+
+def read(path: Path, config: LabConfig | None = None) -> dict[str, pd.DataFrame]:
+    """Import a PCAPdroid connections CSV."""
+    content, damage = read_bytes(path)
+    rows, lines, bad_lines = _rows(content.decode("utf-8-sig", errors="replace"), path)
+    skipped = len(bad_lines)
     if rows.empty:
         tables = {t: empty(t) for t in ("connections", "activity", "dns", "http")}
         tables["sessions"] = session(path, "pcapdroid-csv", None, None, "empty PCAPdroid CSV")
@@ -112,14 +138,20 @@ def read(path: Path, config: LabConfig | None = None) -> dict[str, pd.DataFrame]
     for column in ("client_port", "server_port", "bytes_up", "bytes_down", "packets_up",
                    "packets_down"):
         frame[column] = counts(frame[column])
-    bad = frame["ts_start"].isna() | frame["client_ip"].eq("")
+    earliest, latest = TimeWindow.of(config).bounds()
+    bad = (~frame["ts_start"].between(earliest, latest) | frame["client_ip"].eq("")
+           | ~frame["ts_end"].between(frame["ts_start"], latest))
     skipped += int(bad.sum())
+    bad_lines = sorted([*bad_lines, *np.asarray(lines)[bad.to_numpy()].tolist()])
     frame = frame[~bad]
     frame["device"] = devices(frame["client_ip"].astype("string"), config)
     connections = conform("connections", frame)
     note = "PCAPdroid connections CSV: totals per connection, no activity bins"
     if skipped:
-        note += f"; {skipped} malformed rows skipped"
+        note += (f"; {skipped} malformed or out-of-time rows skipped, the first on line "
+                 f"{bad_lines[0]}")
+    if damage:
+        note += f"; {damage}"
     tables = {t: empty(t) for t in ("activity", "dns", "http")}
     tables["connections"] = connections
     tables["sessions"] = session(

@@ -19,9 +19,11 @@ import numpy as np
 import pandas as pd
 
 from observer import ObserverError
-from observer.config import LabConfig
+from observer.config import LabConfig, TimeWindow
 from observer.records import conform, empty
-from observer.sources.imports.common import counts, devices, read_bytes, redact_path, session
+from observer.redaction import Redaction
+from observer.sources.imports.common import counts, devices, read_bytes, session
+from observer.text import network_text
 
 KINDS = ("conn", "dns", "ssl", "http")
 # How a Zeek conn_state reads as our close_reason (Zeek's conn.log docs explain each state).
@@ -47,10 +49,16 @@ class ZeekLog:
     rows: pd.DataFrame
     skipped: int = 0
     files: list[Path] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # damage, where the first bad line is
 
 
-def sniff(head: bytes) -> bool:
-    """A Zeek TSV header, or JSON lines carrying Zeek's ``id.orig_h`` key."""
+NAME = "Zeek log (TSV or JSON)"
+
+
+def sniff(head: bytes, path: Path) -> bool:
+    """A directory with a conn log, a Zeek TSV header, or JSON lines with ``id.orig_h``."""
+    if path.is_dir():
+        return is_zeek_dir(path)
     text = head.lstrip(b"\xef\xbb\xbf")
     if text.startswith(b"#separator"):
         return True
@@ -64,14 +72,14 @@ def _unescape(value: str) -> str:
     return raw.decode("utf-8", errors="replace")
 
 
-def _parse_tsv(text: str, path: Path) -> tuple[str | None, pd.DataFrame, int]:
+def _parse_tsv(text: str, path: Path) -> tuple[str | None, pd.DataFrame, list[int]]:
     sep, unset, empty_field = "\t", "-", "(empty)"
     kind: str | None = None
     fields: list[str] | None = None
     types: list[str] = []
     blocks: list[pd.DataFrame] = []
     lines: list[str] = []
-    skipped = 0
+    skipped: list[int] = []  # line numbers
 
     def flush() -> None:
         if fields is not None and lines:
@@ -116,7 +124,7 @@ def _parse_tsv(text: str, path: Path) -> tuple[str | None, pd.DataFrame, int]:
         if fields is None:
             raise ObserverError(f"{path}:{number}: Zeek log data before its #fields header line")
         if line.count(sep) != len(fields) - 1:
-            skipped += 1
+            skipped.append(number)
             continue
         lines.append(line)
     flush()
@@ -143,21 +151,22 @@ def _json_value(value: object) -> object:
         return ",".join(str(_json_value(v)) for v in value)
     if value is None:
         return pd.NA
-    return str(value) if not isinstance(value, str) else value
+    return str(value) if not isinstance(value, str) else network_text(value)
 
 
-def _parse_json(text: str, path: Path) -> tuple[str | None, pd.DataFrame, int]:
-    records, skipped = [], 0
-    for line in text.splitlines():
+def _parse_json(text: str, path: Path) -> tuple[str | None, pd.DataFrame, list[int]]:
+    records: list[dict] = []
+    skipped: list[int] = []
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
             obj = json.loads(line)
-        except json.JSONDecodeError:
-            skipped += 1
+        except (json.JSONDecodeError, RecursionError):
+            skipped.append(number)
             continue
         if not isinstance(obj, dict):
-            skipped += 1
+            skipped.append(number)
             continue
         records.append({k: _json_value(v) for k, v in obj.items()})
     if not records:
@@ -182,17 +191,30 @@ def _guess_kind(rows: pd.DataFrame, path: Path) -> str | None:
     return stem if stem in KINDS else None
 
 
-def parse_log(path: Path) -> ZeekLog:
-    """Parse one Zeek log file (TSV or JSON lines, optionally gzipped)."""
-    text = read_bytes(path).decode("utf-8-sig", errors="replace")
+def parse_log(path: Path, window: TimeWindow | None = None) -> ZeekLog:
+    """Parse one Zeek log file (TSV or JSON lines, optionally gzipped); lines that do not parse
+    and lines timed outside ``window`` are skipped and counted."""
+    content, damage = read_bytes(path)
+    text = content.decode("utf-8-sig", errors="replace")
     if text.startswith("#"):
-        kind, rows, skipped = _parse_tsv(text, path)
+        kind, rows, bad = _parse_tsv(text, path)
     else:
-        kind, rows, skipped = _parse_json(text, path)
+        kind, rows, bad = _parse_json(text, path)
+    notes = [f"{path.name}: {damage}"] if damage else []
+    if bad:
+        notes.append(f"first malformed line {path}:{bad[0]}")
+    skipped = len(bad)
     kind = kind or _guess_kind(rows, path)
     if kind is None:
         raise ObserverError(f"{path}: cannot tell which Zeek log this is (no #path or _path)")
-    return ZeekLog(kind, rows, skipped, [path])
+    if "ts" in rows:
+        earliest, latest = (window or TimeWindow()).bounds()
+        ts = _times(rows)
+        end = ts + _numbers(rows, "duration").fillna(0.0)  # a conn's end must be sane too
+        outside = ts.notna() & ~(ts.between(earliest, latest) & end.between(ts, latest))
+        if outside.any():
+            rows, skipped = rows[~outside].reset_index(drop=True), skipped + int(outside.sum())
+    return ZeekLog(kind, rows, skipped, [path], notes)
 
 
 def _numbers(rows: pd.DataFrame, column: str) -> pd.Series:
@@ -263,7 +285,7 @@ def http_table(log: ZeekLog, config: LabConfig | None) -> pd.DataFrame:
     Zeek logs no header sizes and no response time, so those stay unknown.
     """
     rows = log.rows
-    redact = True if config is None else config.redact_query
+    redaction = Redaction.of(config)
     uri = _column(rows, "uri")
     frame = pd.DataFrame({
         "conn_id": _column(rows, "uid"),
@@ -271,7 +293,7 @@ def http_table(log: ZeekLog, config: LabConfig | None) -> pd.DataFrame:
         "method": _column(rows, "method"),
         "scheme": "http",
         "host": _column(rows, "host").str.lower(),
-        "path": uri.map(lambda u: redact_path(u, redact) if isinstance(u, str) else pd.NA),
+        "path": uri.map(lambda u: redaction.path(u) if isinstance(u, str) else pd.NA),
         "http_version": _column(rows, "version"),
         "status": counts(_numbers(rows, "status_code")),
         "request_body_bytes": counts(_numbers(rows, "request_body_len")),
@@ -387,7 +409,7 @@ def _merge(logs: list[ZeekLog], kind: str) -> ZeekLog | None:
         return None
     rows = pd.concat([log.rows for log in logs], ignore_index=True)
     return ZeekLog(kind, rows, sum(log.skipped for log in logs),
-                   [f for log in logs for f in log.files])
+                   [f for log in logs for f in log.files], [n for log in logs for n in log.notes])
 
 
 def is_zeek_dir(path: Path) -> bool:
@@ -397,14 +419,15 @@ def is_zeek_dir(path: Path) -> bool:
 def read(path: Path, config: LabConfig | None = None) -> dict[str, pd.DataFrame]:
     """Import a Zeek log, or a directory of them, into record tables (source = "import")."""
     groups: dict[str, list[ZeekLog]] = {k: [] for k in KINDS}
+    window = TimeWindow.of(config)
     if path.is_dir():
         found = _logs_in(path)
         if not any(found.values()):
             raise ObserverError(f"{path}: no Zeek conn/dns/ssl/http logs in this directory")
         for kind, files in found.items():
-            groups[kind] = [parse_log(f) for f in files]
+            groups[kind] = [parse_log(f, window) for f in files]
     else:
-        main = parse_log(path)
+        main = parse_log(path, window)
         if main.kind not in KINDS:
             raise ObserverError(
                 f"{path}: a Zeek {main.kind}.log carries no connections; import conn.log, "
@@ -418,7 +441,7 @@ def read(path: Path, config: LabConfig | None = None) -> dict[str, pd.DataFrame]
             for kind in ("dns", "ssl", "http"):
                 sibling = _sibling(path, kind)
                 if sibling is not None:
-                    groups[kind].append(parse_log(sibling))
+                    groups[kind].append(parse_log(sibling, window))
     logs = {kind: _merge(items, kind) for kind, items in groups.items()}
     conn, dns_log, ssl, http = logs["conn"], logs["dns"], logs["ssl"], logs["http"]
     if conn is None and dns_log is None and http is None:
@@ -440,7 +463,8 @@ def read(path: Path, config: LabConfig | None = None) -> dict[str, pd.DataFrame]
     skipped = sum(log.skipped for log in logs.values() if log is not None)
     used = [f.name for log in logs.values() if log is not None for f in log.files]
     note = (f"Zeek logs {', '.join(used)}: connection totals only, no activity bins"
-            + (f"; {skipped} malformed lines skipped" if skipped else ""))
+            + (f"; {skipped} malformed or out-of-time lines skipped" if skipped else "")
+            + "".join(f"; {n}" for log in logs.values() if log is not None for n in log.notes))
     tables["sessions"] = session(
         path, "zeek", float(times.min()) if len(times) else None,
         float(times.max()) if len(times) else None, note,

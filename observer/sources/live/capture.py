@@ -28,16 +28,21 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
+
 from observer import ObserverError
 from observer.config import Device
+from observer.devices import DeviceMap
 from observer.records.jsonl import JsonlWriter
-from observer.sources.live.bins import LINKTYPE_ETHERNET, LINKTYPE_RAW, LiveActivity
+from observer.sources.engine import FlowEngine, FlowSettings
 from observer.sources.live.ring import (
     RECORD_HEADER,
     SNAPLEN,
     PcapStreamSplitter,
     RotatingPcapWriter,
 )
+from observer.sources.pcapfile import PAD, Batch, words
 
 SOL_PACKET = 263
 PACKET_STATISTICS = 6
@@ -57,14 +62,17 @@ STATUS = struct.Struct("I")
 PACKET_HEADER = struct.Struct("IIIIIIHHIIH")  # tpacket3_hdr up to tp_vlan_tpid
 SLL_PKTTYPE = 48 + 10  # sockaddr_ll.sll_pkttype, after the aligned tpacket3_hdr
 ARPHRD_ETHER, ARPHRD_LOOPBACK, ARPHRD_NONE = 1, 772, 0xFFFE
+LINKTYPE_ETHERNET, LINKTYPE_RAW = 1, 101
 LINKTYPES = {ARPHRD_ETHER: LINKTYPE_ETHERNET, ARPHRD_LOOPBACK: LINKTYPE_ETHERNET,
              ARPHRD_NONE: LINKTYPE_RAW}
+LIVE_SLACK_S = 2.0  # a bin is complete this long after it ends (tcpdump hands over 1 s blocks)
 TCPDUMP_DROPS = re.compile(r"(\d+) packets? dropped by kernel")  # SIGUSR1 and exit summaries
 
 
 def device_filter(device: Device) -> str:
     """BPF expression that matches every packet to or from the device's addresses."""
-    parts = [f"host {ip}" for ip in device.ips] + [f"ether host {mac}" for mac in device.macs]
+    parts = [f"host {ip}" for ip in device.ips] + [f"net {net}" for net in device.prefixes] + [
+        f"ether host {mac}" for mac in device.macs]
     return " or ".join(parts)
 
 
@@ -101,16 +109,15 @@ class CaptureOptions:
     bpf: str
     directory: Path  # the ring's directory (captures/<device>)
     device: str
-    device_ips: tuple[str, ...] = ()
+    devices: DeviceMap = field(default_factory=DeviceMap)  # names the records' devices
     backend: str = "scapy"
     filesize: int | None = 100 * 1024 * 1024
     duration_s: float | None = 3600.0
     max_files: int | None = None
     stop_after_s: float | None = None
-    records_dir: Path | None = None  # also write live activity bins here
+    records_dir: Path | None = None  # also write live connections and activity here
     buffer_bytes: int = 32 * 1024 * 1024  # kernel capture ring, the same for both backends
-    bin_s: float = 10.0
-    udp_idle_s: float = 120.0
+    flow: FlowSettings = field(default_factory=FlowSettings)
     update_s: float = 10.0  # session row rewritten this often
     flush_s: float = 0.5  # with the 0.25 s housekeeping tick: a kill -9 loses under 1 s
 
@@ -151,6 +158,56 @@ class SessionLog:
              "note": f"{note}; backend {self.opts.backend}"},
         )
         self.writer.flush()
+
+
+def records_batch(records: bytes | bytearray, linktype: int) -> Batch:
+    """Pcap records as the capture writes them (16-byte little-endian headers, microseconds)
+    as one batch for the flow engine, read exactly as replay reads the file."""
+    size = len(records)
+    buf = np.zeros(size + PAD, np.uint8)
+    buf[:size] = np.frombuffer(records, np.uint8)
+    offs = []
+    off, caplen_at = 0, RECORD_HEADER.unpack_from
+    while off + RECORD_HEADER.size <= size:
+        offs.append(off)
+        off += RECORD_HEADER.size + caplen_at(records, off)[2]
+    idx = np.asarray(offs, np.int64)
+    u32 = words(buf, "<u4")
+    return Batch(buf, idx + RECORD_HEADER.size, u32[idx + 8].astype(np.int64),
+                 u32[idx + 12].astype(np.int64), u32[idx] + u32[idx + 4] * 1e-6,
+                 np.full(idx.size, linktype, np.int64))
+
+
+class LiveRecords:
+    """The flow engine (the same as replay's) over the packets the capture writes.  Finished
+    connections and complete activity bins go to JSONL as the capture runs, and every
+    ``update_s`` a partial row of each open connection that changed (``close_reason`` "open",
+    replaced by its final row: readers keep the last row of a ``conn_id``), so a killed capture
+    loses only its last seconds; the rest at the end."""
+
+    def __init__(self, writer: JsonlWriter, opts: CaptureOptions, linktype: int) -> None:
+        self.writer = writer
+        self.linktype = linktype
+        self.engine = FlowEngine(opts.flow, self._write, devices=opts.devices, source="live")
+        self.checkpoint_s = opts.update_s
+        self._next_checkpoint = 0.0
+
+    def _write(self, table: str, frame: pd.DataFrame) -> None:
+        for row in frame.to_dict("records"):
+            self.writer.write(table, row)
+
+    def feed(self, records: bytes | bytearray) -> None:
+        if records:
+            self.engine.feed(records_batch(records, self.linktype))
+
+    def tick(self, now: float) -> None:
+        self.engine.flush(now, slack_s=LIVE_SLACK_S)
+        if now >= self._next_checkpoint:
+            self._next_checkpoint = now + self.checkpoint_s
+            self.engine.checkpoint()
+
+    def close(self) -> None:
+        self.engine.flush(None)
 
 
 class StopFlag:
@@ -196,12 +253,9 @@ def run_capture(
             duration_s=opts.duration_s, max_files=opts.max_files, flush_s=opts.flush_s,
         )
         if opts.records_dir is not None:
-            activity = LiveActivity(
+            activity = LiveRecords(
                 JsonlWriter(opts.records_dir, f"live-{opts.device}", flush_s=opts.flush_s),
-                device=opts.device, device_ips=opts.device_ips, linktype=linktype,
-                session_id=session.session_id.rsplit("-", 1)[-1], bin_s=opts.bin_s,
-                udp_idle_s=opts.udp_idle_s,
-            )
+                opts, linktype)
         session.update(time.time(), 0, 0, "running", force=True)
         if on_start is not None:
             on_start()
@@ -276,7 +330,7 @@ class ScapyBackend:
         self.dropped += drops
         return self.dropped
 
-    def _block(self, index: int, activity: LiveActivity | None) -> tuple[bytearray, int] | None:
+    def _block(self, index: int) -> tuple[bytearray, int] | None:
         """The records of ring block ``index`` if the kernel has handed it over, else None."""
         ring = self.ring
         base = index * RING_BLOCK
@@ -303,14 +357,12 @@ class ScapyBackend:
                 wirelen += 4
             records += header(sec, nsec // 1000, caplen, wirelen)
             records += data
-            if activity is not None:
-                activity.packet(sec + nsec * 1e-9, data)
             kept += 1
             offset += step
         STATUS.pack_into(ring, base + 8, TP_STATUS_KERNEL)  # hand the block back
         return records, kept
 
-    def loop(self, writer: RotatingPcapWriter, activity: LiveActivity | None,
+    def loop(self, writer: RotatingPcapWriter, activity: LiveRecords | None,
              session: SessionLog, stop: StopFlag) -> None:
         index = 0
         deadline = time.time() + self.opts.stop_after_s if self.opts.stop_after_s else None
@@ -318,9 +370,11 @@ class ScapyBackend:
         poller = select.poll()
         poller.register(self.raw, select.POLLIN | select.POLLERR)
         while True:
-            block = self._block(index, activity)
+            block = self._block(index)
             if block is not None:
                 writer.write_records(*block)
+                if activity is not None:
+                    activity.feed(block[0])
                 index = (index + 1) % self.blocks
             now = time.time()
             if now >= next_tick:
@@ -339,10 +393,12 @@ class ScapyBackend:
         # what the kernel already handed over; it retires a partly filled block within 0.1 s
         time.sleep(RING_RETIRE_MS / 1000 * 1.5)
         for _ in range(self.blocks):
-            block = self._block(index, activity)
+            block = self._block(index)
             if block is None:
                 break
             writer.write_records(*block)
+            if activity is not None:
+                activity.feed(block[0])
             index = (index + 1) % self.blocks
         self._read_drops()
 
@@ -417,7 +473,7 @@ class TcpdumpBackend:
             )
         return ObserverError(f"tcpdump stopped: {message}")
 
-    def loop(self, writer: RotatingPcapWriter, activity: LiveActivity | None,
+    def loop(self, writer: RotatingPcapWriter, activity: LiveRecords | None,
              session: SessionLog, stop: StopFlag) -> None:
         fd = self.proc.stdout.fileno()
         splitter = PcapStreamSplitter()
@@ -430,11 +486,11 @@ class TcpdumpBackend:
             chunk = os.read(fd, 1 << 20) if ready else b""
             if ready and not chunk:
                 break  # tcpdump exited and its output is drained
-            for record in splitter.feed(chunk):
+            records = splitter.feed(chunk)
+            for record in records:
                 writer.write_record(record)
-                if activity is not None:
-                    sec, usec = struct.unpack_from("<II", record)
-                    activity.packet(sec + usec * 1e-6, record[16:])
+            if activity is not None:
+                activity.feed(b"".join(records))
             if chunk:
                 writer.flush()  # the data is already up to a second old (libpcap's blocks)
             if splitter.linktype is not None and splitter.linktype != self.linktype:

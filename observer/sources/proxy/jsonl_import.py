@@ -9,13 +9,17 @@ be one file or a directory of ``*.jsonl`` files.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from observer import ObserverError
+from observer.config import TimeWindow
 from observer.records import TABLES, conform, read_jsonl
+
+NAME = "observer JSONL records"
 
 
 def sniff(head: bytes, path: Path) -> bool:
@@ -43,8 +47,41 @@ def files_of(path: Path) -> list[Path]:
     return [path]
 
 
+LAST_SEEN = {
+    "connections": ("ts_start", "ts_end"),
+    "http": ("ts_request", "ts_response"),
+    "websocket": ("ts",),
+    "dns": ("ts",),
+}
+
+
+def last_record_time(tables: dict[str, pd.DataFrame]) -> float | None:
+    """The latest timestamp in a run's records (activity bins count by their start)."""
+    times = [tables[t][c].max() for t, cols in LAST_SEEN.items() for c in cols
+             if t in tables and not tables[t].empty]
+    if "activity" in tables and not tables["activity"].empty:
+        times.append(tables["activity"].ts_bin.max())
+    finite = [float(t) for t in times if t is not None and not pd.isna(t) and math.isfinite(t)]
+    return max(finite) if finite else None
+
+
+def close_cut_sessions(tables: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
+    """A session without an end (its mitmdump was killed) ends at the time of its last record."""
+    sessions = tables.get("sessions")
+    if sessions is None or sessions.empty or not sessions.ts_end.isna().any():
+        return tables
+    end = last_record_time(tables)
+    cut = sessions.ts_end.isna()
+    sessions = sessions.copy()
+    sessions.loc[cut, "ts_end"] = end if end is not None else sessions.loc[cut, "ts_start"]
+    sessions.loc[cut, "note"] = (sessions.loc[cut, "note"].fillna("") + "; cut short: ended at "
+                                 "its last record").str.lstrip("; ")
+    return {**tables, "sessions": sessions}
+
+
 def tidy(tables: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
-    """Keep the last row per connection and session; sum activity per connection and bin."""
+    """Keep the last row per connection and session; sum activity per connection and bin; close
+    a session cut short at its last record."""
     out = dict(tables)
     conns = out["connections"]
     if not conns.empty:
@@ -60,15 +97,17 @@ def tidy(tables: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
             ["bytes_up", "bytes_down", "packets_up", "packets_down"]
         ].sum(min_count=1)
         out["activity"] = conform("activity", summed)
-    return out
+    return close_cut_sessions(out)
 
 
 def read(path: Path, config: Any = None) -> dict[str, pd.DataFrame]:
     """Tables from one JSONL file or a directory of them; torn lines are skipped and counted."""
-    result = read_jsonl(files_of(Path(path)))
+    result = read_jsonl(files_of(Path(path)), TimeWindow.of(config))
     tables = tidy(result.tables)
     if result.skipped:
-        note = f"skipped {result.skipped} torn or corrupt lines, first at {result.skipped_where[0]}"
+        why = ", ".join(f"{n} {reason}" for reason, n in result.reasons.most_common(3))
+        note = (f"skipped {result.skipped} torn or corrupt lines ({why}), "
+                f"first at {result.skipped_where[0]}")
         tables["sessions"] = conform(
             "sessions",
             pd.concat(
