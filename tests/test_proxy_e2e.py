@@ -11,14 +11,17 @@ import asyncio
 import base64
 import contextlib
 import datetime as dt
+import fcntl
 import hashlib
 import ipaddress
 import re
 import signal
 import socket
 import ssl
+import struct
 import subprocess
 import sys
+import termios
 import threading
 import time
 from pathlib import Path
@@ -41,7 +44,7 @@ from observer.sources.proxy import jsonl_import
 
 ROOT = Path(__file__).resolve().parents[1]
 MITMDUMP = Path(sys.executable).with_name("mitmdump")
-NAMES = ["localhost", "pinned.test", "ignored.test"]
+NAMES = ["localhost", "pinned.test", "ignored.test", "late-pin.test", "idle.test"]
 
 
 # --- a throwaway PKI -------------------------------------------------------------------------
@@ -192,6 +195,11 @@ class Upstream:
         finally:
             writer.close()
 
+    async def _plain_http(self, reader, writer) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            await serve_h1(reader, writer)
+        writer.close()
+
     async def _echo(self, reader, writer) -> None:
         while data := await reader.read(65536):
             writer.write(data[::-1])
@@ -200,6 +208,8 @@ class Upstream:
 
     async def _start(self) -> None:
         tls = await asyncio.start_server(self._tls_conn, "127.0.0.1", 0, ssl=self.tls)
+        http = await asyncio.start_server(self._plain_http, "127.0.0.1", 0)
+        self.http_port = http.sockets[0].getsockname()[1]
         echo = await asyncio.start_server(self._echo, "127.0.0.1", 0)
         ws = await asyncio.start_server(self._tls_conn, "127.0.0.1", 0, ssl=self.tls_h1)
         self.ws_port = ws.sockets[0].getsockname()[1]
@@ -369,7 +379,7 @@ class Proxy(Mitmdump):
         super().__init__(
             tmp, ca,
             ["regular@0", f"reverse:dns://127.0.0.1:{dns_upstream}@{self.dns_port}"],
-            ("-w", str(self.flows)),
+            ("-w", str(self.flows), "--set", "stream_large_bodies=1m"),
         )
         self.port = self.listening_port(r"HTTP\(S\) proxy listening at 127\.0\.0\.1:(\d+)")
 
@@ -556,9 +566,134 @@ def test_dns_answers_and_udp_counts(lab):
         ["backup.example.test", "A", "10.1.2.3", 60]]
 
 
+def pinning_client(sock: socket.socket, cas: list[Path], sni: str, pin: bytes) -> bytes | None:
+    """A client that trusts ``cas`` (the lab's and the public one) and pins the server
+    certificate ``pin`` (DER), checked after the handshake as OkHttp's CertificatePinner does:
+    on a mismatch it closes at once, without a request; else it makes one request and returns
+    the reply."""
+    ctx = client_tls(cas[0])
+    for ca in cas[1:]:
+        ctx.load_verify_locations(cafile=str(ca))
+    ctx.set_alpn_protocols(["x-observer-test", "http/1.1"])
+    tls = ctx.wrap_socket(sock, server_hostname=sni)
+    if tls.getpeercert(binary_form=True) != pin:
+        tls.close()
+        return None
+    with tls:
+        tls.sendall(f"GET /p?size=321 HTTP/1.1\r\nHost: {sni}\r\nConnection: close\r\n\r\n"
+                    .encode())
+        data = b""
+        while chunk := tls.recv(65536):
+            data += chunk
+        return data
+
+
+def test_pinning_after_the_handshake_fails_then_passes_through(lab):
+    """The client trusts the proxy's CA but pins the real certificate: its first connection is
+    failed ('pinned after handshake'), the next ones pass through, counted exactly, with the
+    ALPN list the client offered."""
+    proxy, upstream, ca = lab
+    pin = ssl.PEM_cert_to_DER_cert((ca.parent / "server.pem").read_text())
+    relay = Relay(proxy.port)
+    cas = [proxy.mitm_ca, ca]
+    assert pinning_client(connect_tunnel(relay, "127.0.0.1", upstream.tls_port), cas,
+                          "late-pin.test", pin) is None
+    (first,) = relay.finished(1)
+    rec = check_counts(proxy, first)
+    assert (rec["tls"], rec["tls_error"], rec["server_name"]) == (
+        "failed", "pinned after handshake", "late-pin.test")
+    seen = {first["client_port"]}
+    for n in (2, 3):
+        reply = pinning_client(connect_tunnel(relay, "127.0.0.1", upstream.tls_port),
+                               cas, "late-pin.test", pin)
+        assert reply is not None and reply.endswith(b"x" * 321)
+        (counts,) = [c for c in relay.finished(n) if c["client_port"] not in seen]
+        seen.add(counts["client_port"])
+        rec = check_counts(proxy, counts)
+        assert (rec["tls"], rec["server_name"], rec["alpn"]) == (
+            "passthrough", "late-pin.test", "x-observer-test,http/1.1")
+        assert pd_null(rec["tls_error"])
+
+
+def test_idle_connections_are_not_taken_for_pinning(lab):
+    """A client that opens a connection, leaves it idle past the pinning window and closes it
+    stays intercepted, and so do its later connections."""
+    proxy, upstream, _ = lab
+    relay = Relay(proxy.port)
+    sock = connect_tunnel(relay, "127.0.0.1", upstream.tls_port)
+    tls = client_tls(proxy.mitm_ca).wrap_socket(sock, server_hostname="idle.test")
+    time.sleep(1.3)  # the addon's observer_pin_window_s is 1 s
+    tls.close()
+    (idle,) = relay.finished(1)
+    rec = check_counts(proxy, idle)
+    assert (rec["tls"], rec["server_name"]) == ("intercepted", "idle.test")
+    sock = connect_tunnel(relay, "127.0.0.1", upstream.tls_port)
+    assert tls_request(sock, proxy.mitm_ca, "idle.test").endswith(b"x" * 777)
+    (later,) = [c for c in relay.finished(2) if c["client_port"] != idle["client_port"]]
+    assert check_counts(proxy, later)["tls"] == "intercepted"
+
+
+def test_upstream_tls_failure_is_failed_with_both_sides(lab):
+    """The upstream's certificate does not match the name: failed with the upstream's reason,
+    and the client side's result kept next to it."""
+    proxy, upstream, _ = lab
+    relay = Relay(proxy.port)
+    sock = connect_tunnel(relay, "127.0.0.1", upstream.tls_port)
+    reply = tls_request(sock, proxy.mitm_ca, "wrong-name.test")
+    assert reply.startswith(b"HTTP/1.1 502")
+    (counts,) = relay.finished(1)
+    rec = check_counts(proxy, counts)
+    assert rec["tls"] == "failed", rec
+    assert rec["tls_error"].startswith("server: ") and "verify failed" in rec["tls_error"]
+    assert rec["tls_error"].endswith("; client: handshake completed")
+
+
+def test_failed_connect_keeps_host_port_and_error(lab):
+    proxy, _, _ = lab
+    closed = free_udp_port()  # nothing listens on this TCP port either, most likely
+    with socket.create_connection(("127.0.0.1", proxy.port)) as sock:
+        sock.sendall(f"CONNECT localhost:{closed} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
+        reply = sock.recv(4096)
+        port = sock.getsockname()[1]
+    assert reply.startswith(b"HTTP/1.1 502"), reply
+    rec = proxy.conn(port)
+    assert (rec["server_name"], rec["server_port"]) == ("localhost", closed)
+    assert rec["tls_error"].startswith("connect: ") and len(rec["tls_error"]) > 12
+
+
+def test_aborted_download_counts_what_the_client_received(lab):
+    """A client reads part of a 40 MB download, stops reading until the transfer stalls, and
+    resets the connection: bytes_down and the body size are what reached its socket."""
+    proxy, upstream, _ = lab
+    sock = socket.create_connection(("127.0.0.1", proxy.port))
+    host = f"127.0.0.1:{upstream.http_port}"
+    sock.sendall(f"GET http://{host}/big?size=40000000 HTTP/1.1\r\nHost: {host}\r\n\r\n"
+                 .encode())
+    data = b""
+    while len(data) < 3_000_000:
+        data += sock.recv(1 << 20)
+    queued, stable_since = -1, time.monotonic()
+    while time.monotonic() - stable_since < 0.5:  # until the proxy cannot send more
+        now = struct.unpack("i", fcntl.ioctl(sock, termios.FIONREAD, b"\0" * 4))[0]
+        if now != queued:
+            queued, stable_since = now, time.monotonic()
+        time.sleep(0.05)
+    received = len(data) + queued
+    port = sock.getsockname()[1]
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()  # a reset: the queued bytes reached the socket, the rest never did
+    rec = proxy.conn(port)
+    assert received < 40_000_000 and rec["bytes_down"] == received
+    act = proxy.tables()["activity"]
+    assert act[act.conn_id == rec["conn_id"]].bytes_down.sum() == received
+    http = proxy.tables()["http"]
+    (row,) = http[http.conn_id == rec["conn_id"]].itertuples()
+    assert row.response_body_bytes == received - (data.index(b"\r\n\r\n") + 4)
+
+
 def test_stop_writes_parquet_and_flow_file_replays(lab):
     """Runs last: stopping mitmdump converts the run to Parquet and saves the flow file."""
-    proxy, _, _ = lab
+    proxy, upstream, _ = lab
     live = proxy.tables()
     assert proxy.stop() == 0, "".join(proxy.log[-20:])
     assert not any("Traceback" in line for line in proxy.log), "".join(proxy.log)
@@ -586,7 +721,7 @@ def test_stop_writes_parquet_and_flow_file_replays(lab):
     # The plain TCP flow was saved at its end: its connection replays exactly.
     dns_cols = ["query", "answer_type", "answer", "ttl"]
     assert replayed["dns"][dns_cols].equals(live["dns"][dns_cols])
-    tcp_live = final[(final.tls == "none") & (final.proto == "tcp") & final.server_port.notna()]
+    tcp_live = final[final.server_port == upstream.echo_port]
     tcp_replayed = replayed["connections"].set_index("conn_id")
     (tcp_conn,) = tcp_live.itertuples()
     replayed_tcp = tcp_replayed.loc[tcp_conn.conn_id]

@@ -17,7 +17,7 @@ from observer.records import JsonlWriter
 from observer.sources import mitmflows
 from observer.sources.proxy import addon, jsonl_import
 from observer.sources.proxy.flows import METADATA_KEY, http_row
-from observer.sources.proxy.records import header_bytes, redact_query
+from observer.sources.proxy.records import ConnRecord, header_bytes
 from observer.sources.proxy.traffic import Traffic
 
 
@@ -43,14 +43,49 @@ def test_flow_bins_are_a_separate_ledger():
     assert t.take_bins() == [(0.0, [5, 6, 1, 1])]
 
 
-@pytest.mark.parametrize(("path", "keep", "expected"), [
-    ("/a/b", False, "/a/b"),
-    ("/upload?uploadType=resumable&token=s3cret", False, "/upload?uploadType=*&token=*"),
-    ("/x?bare&k=", False, "/x?*&k=*"),
-    ("/x?k=v", True, "/x?k=v"),
-])
-def test_redact_query(path, keep, expected):
-    assert redact_query(path, keep) == expected
+def test_http_row_survives_a_non_utf8_host_and_its_parquet_conversion(tmp_path):
+    """A Host header with an invalid UTF-8 byte (mitmproxy keeps it as a lone surrogate) is
+    decoded at the edge, so the run still converts to Parquet."""
+    from observer.records import read_table
+    from observer.sources.proxy.store import RecordStore
+
+    f = tflow.tflow(resp=True)
+    f.request.headers["Host"] = b"caf\xe9.example".decode("utf-8", "surrogateescape")
+    f.request.path = "/p?token=s3cret"
+    row = http_row(f, "phone", keep_query=False)
+    assert row["host"] == "caf\ufffd.example" and row["path"] == "/p?token=*"
+    store = RecordStore(tmp_path, bin_s=10, device_of=lambda ip: "phone", checkpoint_s=60)
+    store.start(1000.0, "regular")
+    store.write("http", row)
+    assert store.stop(1001.0, parquet=True)["http"] == 1
+    assert read_table(tmp_path, "http").host.tolist() == ["caf\ufffd.example"]
+    assert oct(tmp_path.stat().st_mode & 0o777) == "0o700"
+
+
+def test_a_run_cut_short_is_closed_at_its_last_record(tmp_path):
+    from observer.records import read_table
+    from observer.sources.proxy import store as store_module
+
+    w = JsonlWriter(tmp_path / "live", "proxy-cut")
+    w.write("sessions", {"session_id": "proxy-cut", "source": "proxy", "ts_start": 100.0})
+    w.write("connections", {"conn_id": "c", "device": "d", "ts_start": 101.0, "ts_end": 150.5})
+    w.write("http", {"conn_id": "c", "device": "d", "ts_request": 120.0, "ts_response": 160.25})
+    w.close()
+    assert store_module.convert(tmp_path, "cut")["sessions"] == 1
+    (session,) = read_table(tmp_path, "sessions").itertuples()
+    assert session.ts_end == 160.25 and "cut short" in session.note
+
+
+def test_a_failed_conversion_keeps_the_jsonl_and_says_so(tmp_path):
+    from observer.sources.proxy import store as store_module
+
+    w = JsonlWriter(tmp_path / "live", "proxy-bad")
+    w.write("sessions", {"session_id": "proxy-bad", "source": "proxy", "ts_start": 100.0})
+    w.close()
+    (tmp_path / "sessions").write_text("a file where the table's directory goes")
+    with pytest.raises(ObserverError, match="JSONL records are kept"):
+        store_module.convert(tmp_path, "bad")
+    assert list((tmp_path / "live").glob("proxy-bad-*.jsonl"))
 
 
 def test_header_bytes_equal_the_http1_header_block():
@@ -66,9 +101,9 @@ def test_header_bytes_equal_the_http1_header_block():
 def test_jsonl_import_keeps_last_connection_row_and_sums_bins(tmp_path):
     w = JsonlWriter(tmp_path, "proxy-test")
     w.write("connections", {"conn_id": "c1", "device": "d", "bytes_up": 5, "close_reason": "open"})
-    w.write("activity", {"conn_id": "c1", "device": "d", "ts_bin": 0.0, "bin_s": 10.0,
+    w.write("activity", {"conn_id": "c1", "device": "d", "ts_bin": 1_772_409_600.0, "bin_s": 10.0,
                          "bytes_up": 5, "bytes_down": 0})
-    w.write("activity", {"conn_id": "c1", "device": "d", "ts_bin": 0.0, "bin_s": 10.0,
+    w.write("activity", {"conn_id": "c1", "device": "d", "ts_bin": 1_772_409_600.0, "bin_s": 10.0,
                          "bytes_up": 2, "bytes_down": 1})
     w.write("connections",
             {"conn_id": "c1", "device": "d", "bytes_up": 7, "close_reason": "client"})
@@ -97,8 +132,8 @@ def test_flow_file_importer_uses_metadata_and_survives_a_torn_end(tmp_path):
     f.metadata[METADATA_KEY] = {
         "conn": {"conn_id": "proxy-x", "device": "phone", "bytes_up": 11, "bytes_down": 22,
                  "tls": "intercepted", "close_reason": "open"},
-        "activity": [{"conn_id": "proxy-x", "device": "phone", "ts_bin": 0.0, "bin_s": 10.0,
-                      "bytes_up": 11, "bytes_down": 22}],
+        "activity": [{"conn_id": "proxy-x", "device": "phone", "ts_bin": 1_772_409_600.0,
+                      "bin_s": 10.0, "bytes_up": 11, "bytes_down": 22}],
     }
     path = tmp_path / "flows.mitm"
     with path.open("wb") as fh:
@@ -109,7 +144,6 @@ def test_flow_file_importer_uses_metadata_and_survives_a_torn_end(tmp_path):
     path.write_bytes(whole + whole[:40])  # a killed mitmdump's half-written last flow
     assert mitmflows.sniff(whole[:4096], path)
     assert not mitmflows.is_flow_file(b'{"table": "http"}\n')
-    assert mitmflows.sniff(b'{"table": "http"}\n', path)  # the addon's JSONL goes here too
     assert not mitmflows.sniff(b"\xd4\xc3\xb2\xa1 a pcap", path)
     tables = mitmflows.read(path, None)
     conns = tables["connections"].set_index("conn_id")
@@ -120,7 +154,7 @@ def test_flow_file_importer_uses_metadata_and_survives_a_torn_end(tmp_path):
     assert "torn or corrupt" in tables["sessions"].note[0]
     garbage = tmp_path / "garbage.mitm"
     garbage.write_bytes(b"12:not a flow")
-    with pytest.raises(ObserverError, match=r"garbage\.mitm: neither"):
+    with pytest.raises(ObserverError, match=r"garbage\.mitm"):
         mitmflows.read(garbage, None)
     garbage.write_bytes(whole[:30])  # a flow file torn inside its first flow
     with pytest.raises(ObserverError, match=r"garbage\.mitm: not a readable"):
@@ -193,7 +227,55 @@ def test_proxy_command_line(tmp_path):
     assert "--mode wireguard" in joined and f"observer_dir={tmp_path}" in joined
     assert "tcp_timeout=86400" in joined and "observer_keep_query=true" in joined
     assert cmd[-2:] == ["--set", "confdir=/x"]
+    assert "flow_detail=0" in joined and "observer_console=true" in joined
+
     bad = tmp_path / "lab.yaml"
     bad.write_text("bin_seconds: -1\n")
     with pytest.raises(ObserverError, match=r"lab\.yaml:1"):
         proxy_command.run(parser.parse_args(["--config", str(bad), "--dry-run"]))
+
+
+def test_proxy_warns_loudly_about_all_interfaces_and_passes_proxyauth(capsys):
+    parser = __import__("argparse").ArgumentParser()
+    proxy_command.add_arguments(parser)
+    open_args = parser.parse_args(["--mode", "regular"])
+    proxy_command.warn_if_open(open_args)
+    assert "WARNING: listening on ALL interfaces WITHOUT authentication" in capsys.readouterr().err
+    limited = parser.parse_args(["--listen-host", "127.0.0.1", "--proxyauth", "u:p"])
+    proxy_command.warn_if_open(limited)
+    assert capsys.readouterr().err == ""
+    cmd = proxy_command.mitmdump_command(limited, "mitmdump", "run1")
+    assert cmd[cmd.index("--proxyauth") + 1] == "u:p"
+    assert "observer_run=run1" in cmd and "observer_parquet=false" in cmd
+
+
+def test_pinning_after_the_handshake_is_told_from_an_idle_connection():
+    def closed(after_s: float, extra_up: int = 0, by: str = "client", used: bool = False,
+               alert: str | None = None) -> str | None:
+        traffic = Traffic(10.0)
+        traffic.up(600, 100.0)
+        rec = ConnRecord("c", "d", "tcp", None, None, "regular", 99.0, traffic,
+                         ts_tls_setup=100.0, tls="intercepted", used=used, alert=alert,
+                         up_at_handshake=600)
+        traffic.up(extra_up, 100.0 + after_s)
+        traffic.closed(by)
+        rec.ts_end = 100.0 + after_s
+        return addon.pinned_after_handshake(rec, window_s=1.0)
+
+    assert closed(0.01) == "pinned after handshake"
+    assert closed(0.01, extra_up=24) == "pinned after handshake"  # a TLS 1.3 close_notify
+    assert closed(30.0) is None  # idle, closed later
+    assert closed(0.01, extra_up=80) is None  # it sent something
+    assert closed(0.01, used=True) is None  # it made a request
+    assert closed(0.01, by="server") is None
+    assert closed(5.0, alert="bad_certificate") == "client alert after handshake: bad_certificate"
+
+
+def test_undelivered_bytes_come_off_totals_and_bins_written_or_not():
+    t = Traffic(10.0)
+    t.down(1000, 5.0)
+    assert t.take_bins(before=10.0) == [(0.0, [0, 1000, 0, 1])]  # written
+    t.down(300, 12.0)
+    t.not_delivered(500)
+    assert (t.bytes_down, t.undelivered) == (800, 500)
+    assert t.take_bins() == [(10.0, [0, 0, 0, 1]), (0.0, [0, -200, 0, 0])]

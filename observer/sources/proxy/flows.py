@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from observer.sources.proxy.records import header_bytes, redact_query
+from observer.redaction import Redaction
+from observer.sources.proxy.records import header_bytes
+from observer.text import network_text as text
 
 METADATA_KEY = "observer"
 DNS_TYPES = {1: "A", 28: "AAAA", 5: "CNAME"}
@@ -35,15 +37,16 @@ def http_row(
     """The http record of one exchange; ``streamed`` holds body sizes counted while streaming."""
     req = flow.request
     resp = flow.response
+    path = req.path
     row: dict[str, Any] = {
         "conn_id": conn_id_of(flow.client_conn),
         "device": device,
         "ts_request": req.timestamp_start,
         "ts_response": (resp.timestamp_end or resp.timestamp_start) if resp else None,
-        "method": req.method,
+        "method": text(req.method),
         "scheme": req.scheme,
-        "host": req.pretty_host,
-        "path": redact_query(req.path, keep_query),
+        "host": text(req.pretty_host),
+        "path": text(Redaction(keep_query).path(path) if "?" in path or "#" in path else path),
         "http_version": req.http_version,
         "status": resp.status_code if resp else None,
         "request_header_bytes": header_bytes(
@@ -91,9 +94,9 @@ def dns_rows(flow: Any, device: str) -> list[dict[str, Any]]:
             "device": device,
             "ts": resp.timestamp,
             "client_ip": client_ip,
-            "query": answer.name,
+            "query": text(answer.name),
             "answer_type": kind,
-            "answer": value,
+            "answer": text(value),
             "ttl": answer.ttl,
         })
     return rows

@@ -10,21 +10,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from observer.sources.proxy.traffic import Traffic
+from observer.text import network_text
 
 # Which name sources win over which: a TLS SNI names the server better than an HTTP Host header.
 NAME_RANK = {"none": 0, "dns": 1, "http": 2, "quic": 3, "sni": 3}
-
-
-def redact_query(path: str, keep: bool = False) -> str:
-    """``/p?a=1&b`` -> ``/p?a=*&*``: parameter names stay, values (often ids or tokens) go."""
-    if keep or "?" not in path:
-        return path
-    base, query = path.split("?", 1)
-    parts = []
-    for item in query.split("&"):
-        name, sep, _ = item.partition("=")
-        parts.append(f"{name}=*" if sep else "*")
-    return f"{base}?{'&'.join(parts)}"
 
 
 def header_bytes(first_line: str, headers: list[tuple[bytes, bytes]]) -> int:
@@ -60,12 +49,35 @@ class ConnRecord:
     tls_error: str | None = None
     close_reason: str | None = None
     client_hello_seen: bool = False
+    # Interception results of each side, kept apart so one does not hide the other.
+    client_tls_error: str | None = None
+    server_tls_error: str | None = None
+    connect_error: str | None = None
+    # For telling a certificate rejection after the handshake from an idle connection.
+    used: bool = False  # the client sent a request (or data) after its handshake
+    up_at_handshake: int | None = None
+    alert: str | None = None
+    counter: Any = None  # the counting layer, to release its socket at the end
 
     def name(self, name: str | None, source: str) -> None:
         """Adopt ``name`` unless a better-ranked source already named the server."""
         if name and NAME_RANK[source] > NAME_RANK[self.name_source]:
-            self.server_name = name
+            self.server_name = network_text(name)
             self.name_source = source
+
+    def settle_tls(self) -> None:
+        """``tls``/``tls_error`` of an interception from both sides' results: intercepted only
+        when the client's handshake completed and the upstream did not fail; else failed, with
+        the upstream's and the client's result both in ``tls_error``."""
+        upstream = self.server_tls_error or self.connect_error
+        client_done = self.client_tls_error is None and self.ts_tls_setup is not None
+        if client_done and upstream is None:
+            self.tls, self.tls_error = "intercepted", None
+            return
+        client = self.client_tls_error or ("client: handshake completed" if client_done else None)
+        self.tls = "failed"
+        self.tls_error = "; ".join(x for x in (upstream, client) if x) or (
+            "handshake did not complete")
 
     def row(self) -> dict[str, Any]:
         """The connections record (partial while the connection is open)."""

@@ -4,17 +4,21 @@ No mitmproxy here.  Rows go to ``<dir>/live/proxy-<run>-<UTC time>.jsonl`` (flus
 second, rotated by size and UTC day); on a clean stop this run's files become Parquet tables in
 ``<dir>``.  Finished activity bins are written as time passes and open connections are written
 as partial rows every ``checkpoint_s``, so a killed proxy loses at most that much.
+``convert`` turns one run's JSONL files into Parquet; ``observer proxy`` calls it after mitmdump
+has exited, so a run whose mitmdump died is converted too, closed at the time of its last record.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from observer.records import JsonlWriter, read_jsonl, write_table
+from observer import ObserverError
+from observer.records import JsonlWriter, RecordRun, read_jsonl
 from observer.sources.proxy import jsonl_import
 from observer.sources.proxy.records import ConnRecord
 from observer.sources.proxy.traffic import activity_rows
@@ -33,13 +37,14 @@ class RecordStore:
         device_of: Callable[[str | None], str],
         checkpoint_s: float,
         session_device: str | None = None,
+        run: str = "",
     ) -> None:
         self.directory = Path(directory)
         self.bin_s = bin_s
         self.device_of = device_of
         self.checkpoint_s = checkpoint_s
         self.session_device = session_device
-        self.run = uuid.uuid4().hex[:12]
+        self.run = run or uuid.uuid4().hex[:12]
         self.prefix = f"proxy-{self.run}"
         self.writer: JsonlWriter | None = None
         self.open_conns: dict[str, ConnRecord] = {}
@@ -52,6 +57,8 @@ class RecordStore:
         return self.directory / "live"
 
     def start(self, now: float, interface: str, note: str = "") -> None:
+        private_dir(self.directory)
+        private_dir(self.live_dir)
         self.writer = JsonlWriter(self.live_dir, self.prefix)
         self.session = {
             "session_id": f"proxy-{self.run}",
@@ -105,9 +112,29 @@ class RecordStore:
             self.writer = None
         if not parquet:
             return {}
-        files = sorted(self.live_dir.glob(f"{self.prefix}-*.jsonl"))
-        if not files:
-            return {}
-        tables = jsonl_import.tidy(read_jsonl(files).tables)
-        return {table: write_table(self.directory, table, df) for table, df in tables.items()}
+        return convert(self.directory, self.run)
 
+
+# The time columns of each table: the latest of them is when a run was last heard from.
+def private_dir(path: Path) -> None:
+    """Create ``path`` readable by its owner only (records say what a person's phone did)."""
+    path.mkdir(parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+
+
+def convert(directory: str | Path, run: str) -> dict[str, int]:
+    """Write one run's JSONL files (``<directory>/live/proxy-<run>-*.jsonl``) as Parquet tables;
+    rows per table.  On failure the JSONL files stay and an ObserverError says why."""
+    directory = Path(directory)
+    files = sorted((directory / "live").glob(f"proxy-{run}-*.jsonl"))
+    if not files:
+        return {}
+    try:
+        tables = jsonl_import.tidy(read_jsonl(files).tables)
+        with RecordRun(directory, command="proxy") as records:  # all tables or none
+            return {table: records.write(table, df) for table, df in tables.items()}
+    except Exception as exc:  # whatever failed, the JSONL files stay the run's record
+        raise ObserverError(
+            f"could not write Parquet records to {directory} ({exc}); this run's JSONL records "
+            f"are kept in {directory / 'live'} (observer replay reads them)"
+        ) from None

@@ -10,6 +10,8 @@ from typing import Any
 
 # A bin's counters: bytes_up, bytes_down, packets_up, packets_down.
 Bin = list[int]
+# Written bins that an aborted connection's undelivered bytes can still be taken off.
+MAX_CORRECTED = 16
 
 
 class Traffic:
@@ -29,9 +31,12 @@ class Traffic:
         "bytes_down",
         "bytes_up",
         "closed_by",
+        "corrections",
         "flow_bins",
         "packets_down",
         "packets_up",
+        "undelivered",
+        "written_down",
     )
 
     def __init__(self, bin_s: float, *, track_flow_bins: bool = False) -> None:
@@ -43,6 +48,9 @@ class Traffic:
         self.bins: dict[float, Bin] = {}
         self.flow_bins: dict[float, Bin] | None = {} if track_flow_bins else None
         self.closed_by: str | None = None
+        self.undelivered = 0
+        self.written_down: dict[float, int] = {}  # bytes_down of recently written bins
+        self.corrections: list[tuple[float, Bin]] = []  # to amend bins already written
         self._bin = float("-inf")
         self._cur: Bin = [0, 0, 0, 0]
         self._flow_cur: Bin = [0, 0, 0, 0]
@@ -80,6 +88,25 @@ class Traffic:
             self._flow_cur[1] += n
             self._flow_cur[3] += 1
 
+    def not_delivered(self, n: int) -> None:
+        """The last ``n`` bytes counted down never reached the client (it aborted the
+        connection with them still queued): take them off the totals and the latest bins; bins
+        already written get a correction row (activity rows are summed per bin)."""
+        if n <= 0:
+            return
+        self.undelivered += n
+        self.bytes_down -= n
+        for t in sorted(self.bins, reverse=True):
+            take = min(n, self.bins[t][1])
+            self.bins[t][1] -= take
+            n -= take
+        for t in sorted(self.written_down, reverse=True):
+            take = min(n, self.written_down[t])
+            if take:
+                self.written_down[t] -= take
+                self.corrections.append((t, [0, -take, 0, 0]))
+                n -= take
+
     def closed(self, by: str) -> None:
         """Remember which side closed first (``client`` or ``server``)."""
         if self.closed_by is None:
@@ -94,6 +121,12 @@ class Traffic:
             done = sorted((t, b) for t, b in self.bins.items() if t + self.bin_s <= before)
             for t, _ in done:
                 del self.bins[t]
+        for t, b in done[-MAX_CORRECTED:]:
+            self.written_down[t] = self.written_down.get(t, 0) + b[1]
+        while len(self.written_down) > MAX_CORRECTED:
+            del self.written_down[min(self.written_down)]
+        done += self.corrections
+        self.corrections = []
         self._bin = float("-inf")
         return done
 
