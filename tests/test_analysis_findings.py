@@ -4,17 +4,27 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from dataclasses import asdict
+from html import escape
 
 import numpy as np
 import pandas as pd
 import pytest
 from test_analysis_synth import TZ, Records, local, phone_week
 
-from observer.analysis import analyze_records, write_findings
+from observer.analysis import (
+    FINDINGS_VERSION,
+    Findings,
+    analyze_records,
+    read_findings,
+    records_stamp,
+    write_findings,
+)
 from observer.catalog import Catalog
 from observer.cli import main
 from observer.config import LabConfig
-from observer.records import conform, write_table
+from observer.records import conform, read_records, write_table
+from observer.report import write_report
 
 CONFIG = LabConfig(timezone=TZ)
 
@@ -48,7 +58,7 @@ def test_nightly_export_inside_the_chat_connection(week):
     starts = np.array([e["ts_start"] for e in on])
     assert len(starts) == len(truth) and np.all(np.abs(starts - np.array(truth)) <= 10)
     assert all(e["conn_ids"] == ["chat"] and e["local_time"].endswith("+01:00") for e in on)
-    assert "every day at about 0" in f["summary"]
+    assert "every 24 hours (daily) at about 0" in f["summary"]
 
 
 def test_backup_is_named_as_a_backup_and_others_get_their_verdicts(week):
@@ -56,7 +66,7 @@ def test_backup_is_named_as_a_backup_and_others_get_their_verdicts(week):
     groups = by_group(findings)
     backup = groups["Google Drive backup"]
     assert backup["verdict"] == "periodic bulk upload" and backup["is_backup"]
-    assert backup["summary"].startswith("Scheduled backup")
+    assert backup["summary"].startswith("A scheduled backup: the phone uploaded")
     assert groups["WhatsApp media"]["verdict"] == "irregular uploads"
     checks = groups["WhatsApp media"]["schedule_checks"]
     assert checks is None or not all(checks.values())
@@ -66,6 +76,18 @@ def test_backup_is_named_as_a_backup_and_others_get_their_verdicts(week):
     assert groups["Google Play services"]["period_s"] == pytest.approx(270, abs=10)
     assert findings["findings"][0]["verdict"] == "periodic bulk upload"
     json.dumps(findings, allow_nan=False)  # plain JSON, no numpy scalars
+
+
+def test_findings_are_one_typed_versioned_table(week):
+    findings, _ = week
+    typed = Findings.from_dict(findings)
+    assert typed.to_dict() == findings  # the JSON form is exactly the typed table
+    assert typed.schema_version == FINDINGS_VERSION == findings["schema_version"]
+    for f in typed.findings:
+        assert f.label and f.device == "phone" and f.covered_s > 0
+        assert all(e.ts_start <= e.ts_end for e in f.events)
+    labels = {x.label for x in typed.labels}
+    assert {f.label for f in typed.findings if f.group_kind != "app"} <= labels
 
 
 def test_no_export_means_no_periodic_upload(catalog):
@@ -147,14 +169,14 @@ def test_sparse_imports_are_covered_over_their_whole_span(catalog, sessions):
     f = by_group(findings)["example-analytics.net"]
     assert f["verdict"] == "periodic bulk upload"
     assert (f["occurrences"], f["expected"]) == (7, 7)
-    assert "7 of 7 recorded days" in f["summary"]
+    assert "seen on 7 of 7 expected nights" in f["summary"]
     assert f["evidence_note"].startswith("All bulk upload events come from connection totals")
     assert f["evidence_note"] in f["summary"]
     app = next(g for g in findings["findings"] if g["group_kind"] == "app"
                and g["group"] == "Tracker")
     assert app["verdict"] == "periodic bulk upload"
-    assert app["summary"].startswith("On phone, the app Tracker uploaded about 30.0 MB to "
-                                     "sync.example-analytics.net every day at about 0")
+    assert app["summary"].startswith("The app Tracker uploaded about 30.0 MB to "
+                                     "sync.example-analytics.net every 24 hours (daily) at about 0")
     assert app["evidence_note"] in app["summary"]
 
 
@@ -172,10 +194,30 @@ def test_cli_writes_findings_and_prints_a_line_per_notable_group(tmp_path, capsy
     assert main(["analyze", str(tmp_path / "rec"), "--config", str(cfg), "--simulations",
                  "200"]) == 0
     out = capsys.readouterr().out
-    assert "example-analytics.net every day at about 0" in out
-    assert "Scheduled backup" in out
+    assert "example-analytics.net every 24 hours (daily) at about 0" in out
+    assert "A scheduled backup" in out
     saved = json.loads((tmp_path / "rec" / "findings.json").read_text())
     assert saved["timezone"] == TZ and saved["findings"][0]["verdict"] == "periodic bulk upload"
+    assert saved["records"] == asdict(records_stamp(tmp_path / "rec"))
+    # One voice: the lines printed are the stored sentences, and the report shows the same.
+    notable = [f for f in saved["findings"] if f["verdict"] != "nothing notable"]
+    printed = [line[3:] for line in out.splitlines() if line[:2].strip() in ("!!", "~", "+")]
+    assert printed == [f["summary"] for f in notable]
+    report = write_report(read_records(tmp_path / "rec"),
+                          read_findings(tmp_path / "rec" / "findings.json"), tmp_path / "report")
+    html = report.read_text(encoding="utf-8")
+    assert all(escape(f["summary"], quote=True) in html for f in notable)
+
+
+def test_without_a_time_zone_local_times_say_utc_and_how_to_set_it(tmp_path, capsys):
+    records, _ = phone_week(export_inside_chat=False, media=False, seed=8)
+    for table, frame in records.tables().items():
+        write_table(tmp_path / "rec", table, frame)
+    assert main(["analyze", str(tmp_path / "rec"), "--simulations", "200"]) == 0
+    out = capsys.readouterr().out
+    assert "UTC (no time zone configured)" in out
+    assert "note: Times are UTC: no time zone was configured." in out
+    assert "'timezone: Europe/Berlin'" in out and "local time (UTC)" not in out
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
@@ -186,6 +228,9 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 
 
 def test_write_findings_is_atomic_json(tmp_path):
-    path = write_findings({"findings": [], "x": np.float64(1.5)}, tmp_path / "f.json")
-    assert json.loads(path.read_text()) == {"findings": [], "x": 1.5}
+    findings = Findings(findings=[], parameters={"x": np.float64(1.5), "y": float("nan")})
+    path = write_findings(findings, tmp_path / "f.json")
+    saved = json.loads(path.read_text())
+    assert saved["parameters"] == {"x": 1.5, "y": None}
+    assert saved["schema_version"] == FINDINGS_VERSION
     assert not (tmp_path / "f.json.tmp").exists()

@@ -203,3 +203,86 @@ def test_day_profile_null_separates_a_nightly_job_from_evening_uploads():
 def test_holm_is_monotone_and_bounded():
     assert holm([0.01, 0.04, 0.03, 0.5]) == pytest.approx([0.04, 0.09, 0.09, 0.5])
     assert holm([]) == []
+
+
+
+def every(period_h: float, days: int, *, first_h: float, jitter_min: float = 5.0,
+          skip: tuple[int, ...] = (), seed: int = 0, start: dt.date = START) -> np.ndarray:
+    """A job every ``period_h`` hours on the local clock from ``first_h``; ``skip``: missed runs."""
+    rng = np.random.default_rng(seed)
+    runs = [k for k in range(int(days * 24 / period_h)) if k not in skip]
+    return np.array([local(start, first_h + k * period_h) + rng.normal(0, jitter_min * 60)
+                     for k in runs])
+
+
+@pytest.mark.parametrize("evening", [False, True])
+@pytest.mark.parametrize("period_h", [6, 8, 12])
+def test_sub_daily_jobs_are_reported_at_their_own_period_with_every_phase(period_h, evening):
+    rng = np.random.default_rng(period_h)
+    days = period_h * 56 // 24  # 56 runs: a group this busy is scanned with narrow daily windows
+    t = make_test(days)
+    # With a busy-evening day profile the 24 h family carries the evidence: the job must still
+    # be reported at its own period, never as "daily at one of its times".
+    profile = day_profile(t.slot_counts(evening_times(300, days, rng))) if evening else None
+    events = every(period_h, days, first_h=0.75, skip=(3, 10), seed=period_h)
+    res = t.test(events, profile=profile)
+    assert res.period_s == period_h * 3600
+    assert res.p_value_raw < 1e-4
+    runs = days * 24 // period_h
+    assert (res.occurrences, res.expected) == (runs - 2, runs)
+    assert len(res.phases_s) == 24 // period_h
+    want = [(0.75 + k * period_h) * 3600 for k in range(24 // period_h)]
+    assert np.allclose(res.phases_s, want, atol=600)
+    assert res.jitter_s < 900
+
+
+def test_weekly_job_over_five_weeks_is_weekly():
+    # Sundays 04:15 (START is a Monday), one week missed; over 5 weeks of capture.
+    events = every(7 * 24, 35, first_h=6 * 24 + 4.25, skip=(2,))
+    res = make_test(35).test(events)
+    assert res.period_s == 7 * DAY
+    assert (res.occurrences, res.expected) == (4, 5)
+    assert res.p_value_raw < 0.01
+    weekday = (3 + int(res.phase_s // DAY)) % 7  # wall-clock day 0 was a Thursday
+    assert weekday == 6 and clock_hhmm(res.phase_s % DAY) in {(4, m) for m in range(5, 26)}
+
+
+def test_harmonics_keep_a_daily_job_daily_and_find_every_other_day():
+    daily = nightly(30, jitter_min=30, skip=(2, 9, 10, 17, 25, 26), seed=4)
+    res = make_test(30).test(daily)
+    assert res.period_s == DAY and res.expected == 30 and res.occurrences >= 22
+    second = every(48, 30, first_h=2.0)
+    res = make_test(30).test(second)
+    assert res.period_s == 2 * DAY and (res.occurrences, res.expected) == (15, 15)
+
+
+def daytime(n: int, days: int, rng: np.random.Generator) -> np.ndarray:
+    """User-like uploads from 08:00 to 23:00 local time."""
+    day = rng.integers(0, days, n)
+    return np.array([local(START + dt.timedelta(days=int(d)), h)
+                     for d, h in zip(day, rng.uniform(8, 23, n), strict=True)])
+
+
+def test_a_nightly_job_in_a_busy_group_is_not_moved_to_a_short_period():
+    # ~26 user uploads a day from 08:00 to 23:00 fill any wide window of a 3-hour clock; the
+    # nightly export among them must stay "daily at 02:00", not "every 3 h".
+    rng = np.random.default_rng(8)
+    t = make_test()
+    profile = day_profile(t.slot_counts(daytime(300, 7, rng)))
+    events = np.concatenate([daytime(180, 7, rng), nightly(7, jitter_min=20, seed=5)])
+    res = t.test(events, profile=profile)
+    assert res.period_s == DAY and abs(res.phase_s - 2 * 3600) < 1200
+    assert res.occurrences == 7 and res.jitter_s < 1200
+
+
+@pytest.mark.parametrize("users", [0, 180])
+def test_six_hourly_job_under_a_strong_day_profile_is_six_hourly(users):
+    # On the activity clock a quiet night is thin: the 00:45 and 06:45 runs share one daily
+    # window.  Alone or among daytime uploads, the job is every 6 h with its own small jitter.
+    rng = np.random.default_rng(8)
+    t = make_test(14)
+    profile = day_profile(t.slot_counts(daytime(600, 14, rng)))
+    events = np.concatenate([daytime(users, 14, rng), every(6, 14, first_h=0.75, seed=3)])
+    res = t.test(events, profile=profile)
+    assert res.period_s == 6 * 3600 and res.occurrences >= 54 and res.expected == 56
+    assert res.jitter_s < 600

@@ -1,4 +1,5 @@
-"""Hand-made record tables for the analysis tests (helpers only: no simulator, no replay)."""
+"""Hand-made record tables for the analysis tests (no simulator, no replay), and the whole
+analysis run on them."""
 
 from __future__ import annotations
 
@@ -124,3 +125,46 @@ def phone_week(days: int = 7, *, export_inside_chat: bool = True, export_hour: f
                 else:
                     r.ticks(c, [at], up=800, down=int(rng.lognormal(np.log(7e5), 0.8)))
     return r, truth
+
+
+def quiet_phone(weeks: int = 5, seed: int = 2) -> Records:
+    """A phone that sends little besides its jobs: a push ping every 3 hours, a 3 MB sync every
+    6 hours from 00:45 and an 80 MB upload on Sundays at 04:15, both at 150 kB/s (so upload bins
+    outnumber the others and set the device's median rate)."""
+    rng = np.random.default_rng(seed)
+    start = dt.date(2026, 3, 2)  # a Monday
+    r = Records()
+    t0, t1 = local(start, 0), local(start + dt.timedelta(days=7 * weeks), 0)
+    r.session(t0, t1)
+    push = r.connection("push", "mtalk.google.com", "142.250.3.3", t0, t1)
+    r.ticks(push, np.arange(t0 + 100, t1, 3 * 3300.0))
+    for k in range(7 * weeks * 4):
+        at = local(start, 0.75 + 6 * k) + rng.normal(0, 120)
+        c = r.connection(f"sync{k}", f"api{k % 3}.sync-partner.co.uk", "198.51.100.9", at, at + 20)
+        r.send(c, at, 3_000_000, rate=150_000, down=8_000)
+    for w in range(weeks):
+        at = local(start + dt.timedelta(days=7 * w + 6), 4.25) + rng.normal(0, 300)
+        c = r.connection(f"week{w}", "weekly.metrics-collector.io", "203.0.113.80", at, at + 300)
+        r.send(c, at, 80_000_000, rate=150_000, down=50_000)
+    return r
+
+
+def test_quiet_phone_six_hourly_and_weekly_jobs_end_to_end():
+    from observer.analysis import analyze_records
+    from observer.catalog import Catalog
+    from observer.config import LabConfig
+
+    config = LabConfig(timezone=TZ, timezone_configured=True)
+    out = analyze_records(quiet_phone().tables(), config, Catalog(), n_sim=300)
+    assert out["timezone"] == TZ and out["timezone_configured"] is True
+    by_group = {f["group"]: f for f in out["findings"]}
+    sync, weekly = by_group["sync-partner.co.uk"], by_group["metrics-collector.io"]
+    assert sync["verdict"] == weekly["verdict"] == "periodic bulk upload"
+    assert sync["label"] == "sync-partner.co.uk"
+    assert sync["period_s"] == 6 * 3600 and sync["bulk_events"] == 140
+    assert sync["phase_local"].split(", ")[0] in {"00:43", "00:44", "00:45", "00:46", "00:47"}
+    assert len(sync["phase_local"].split(", ")) == 4
+    assert weekly["period_s"] == 7 * 86400 and weekly["occurrences"] == 5
+    assert weekly["phase_local"].startswith("Sun 04:")
+    periodic = {f["group"] for f in out["findings"] if f["verdict"] == "periodic bulk upload"}
+    assert periodic == {"sync-partner.co.uk", "metrics-collector.io"}

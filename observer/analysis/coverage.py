@@ -4,13 +4,15 @@ The sessions table says when each capture, proxy run or import was recording.  I
 of a packet source (pcap replay, live capture), a stretch of at least ``silence_s`` with no
 packet at all from the device is taken as a capture gap too: a phone with a chat app sends
 keepalives every few minutes, so hours of total silence mean the capture missed them (rotated
-files with holes, a Wi-Fi outage).  Silence means nothing in a source that only knows connection
-totals (a Zeek conn.log, a PCAPdroid CSV: a connection open for hours leaves no trace between its
-start and end) or that sees only what the apps route to it (a proxy), so their sessions are
-covered whole.  Without any session rows the records' own span is the session, and silence is
-inferred only when the device has activity bins (packet-level data).  A night without coverage
-is then not a missed occurrence, and the null model of the periodicity test places its random
-events only in covered time.
+files with holes, a Wi-Fi outage).  That holds only for a device that is chatty: one that sent
+nothing in most hours of its capture (a phone without a chat app, nearly silent apart from its
+uploads) is silent by habit, so its silences are not gaps.  Silence means nothing in a source that
+only knows connection totals (a Zeek conn.log, a PCAPdroid CSV: a connection open for hours leaves
+no trace between its start and end) or that sees only what the apps route to it (a proxy), so
+their sessions are covered whole.  Without any session rows the records' own span is the
+session, and silence is inferred only when the device has activity bins (packet-level data).  A
+night without coverage is then not a missed occurrence, and the null model of the periodicity
+test places its random events only in covered time.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ from observer.analysis.periodicity import Coverage
 
 SILENCE_S = 4 * 3600.0
 PACKET_SOURCES = ("pcap", "live")
+# Silences are capture gaps only for a device with packets in at least this share of the hours
+# of its packet sessions.
+CHATTY_HOURS = 0.5
 
 
 def _union(starts: np.ndarray, ends: np.ndarray) -> list[tuple[float, float]]:
@@ -39,9 +44,13 @@ def _union(starts: np.ndarray, ends: np.ndarray) -> list[tuple[float, float]]:
 
 def _silences(seen: np.ndarray, base: list[tuple[float, float]],
               silence_s: float) -> list[tuple[float, float]]:
-    """Stretches of at least ``silence_s`` inside ``base`` with no packet (base edges anchor)."""
+    """Stretches of at least ``silence_s`` inside ``base`` with no packet (base edges anchor),
+    for a device that is usually chatty (packets in most hours of ``base``)."""
     edges = np.array([x for ab in base for x in ab])
     inside = Coverage(tuple(base)).contains(seen)
+    hours = sum(np.ceil((b - a) / 3600.0) for a, b in base)
+    if hours <= 0 or len(np.unique(np.floor(seen[inside] / 3600.0))) < CHATTY_HOURS * hours:
+        return []
     points = np.sort(np.concatenate([seen[inside], edges]))
     gaps = np.diff(points)
     at = np.flatnonzero(gaps >= silence_s)

@@ -6,7 +6,10 @@ folded phases: the most distinct cycles that fall inside a phase window of width
 how unlikely that count is for the same number of events under a binomial model.  The p-value of
 the best score (over windows, widths and periods tried) comes from Monte Carlo: the same number
 of events placed at random over the covered time (following the device's day profile: people
-sleep), scored the same way.  See docs/analysis.md for the formulas.
+sleep), scored the same way.  The reported period is then resolved among the harmonics of the
+clock (a 6-hourly job also fits "daily at one of its times", a weekly one "daily, most days
+missed") toward the period that explains its events; that step describes, the p-value stays that
+of the test.  See docs/analysis.md for the formulas.
 """
 
 from __future__ import annotations
@@ -53,6 +56,21 @@ FREE_QUALITY_PENALTY = 0.8
 # A schedule has about one event per cycle near its phase: a period whose window holds more (a
 # busy evening folded onto 8 h) is reported only when no period looks like a schedule.
 MAX_ON_SCHEDULE_PER_CYCLE = 2.0
+# Harmonics.  A multiple k*P of the found period P explains its occurrences as well when at least
+# this share of them falls on one cycle in k (a weekly job seen as "daily, most days missed").
+MULTIPLE_SHARE = 0.9
+# A divisor P/k explains them when it keeps this share of P's on-schedule events, its own
+# cycles are at least DIVISOR_FILL as often occupied as P's (a 6-hourly job seen as "daily at
+# 12:44"; a daily job leaves 3 of 4 six-hour cycles empty), and in at least DIVISOR_EXCESS more of
+# its cycles than the same window half a cycle away is (a busy group's user uploads fill any wide
+# window, and a schedule is one in most of its cycles).
+DIVISOR_KEEP = 0.8
+DIVISOR_FILL = 0.75
+DIVISOR_EXCESS = 0.5
+# Half-width of the on-schedule window at a harmonic P: a few robust spreads of the schedule's
+# events, at least min(P/24, 1 h) (a narrow best window underestimates the spread), at most P/4.
+HARMONIC_JITTERS = 3.0
+HARMONIC_MIN_S = 3600.0
 
 
 @dataclass(frozen=True)
@@ -347,6 +365,17 @@ class PeriodicityResult:
     on_schedule: list[int] = field(default_factory=list)  # indices of events in the window
     family_p: dict[str, float] = field(default_factory=dict)
 
+    @property
+    def phases_s(self) -> list[float]:
+        """Every phase within one local day for a local-clock period that divides a day (a
+        6-hourly job runs at 00:45, 06:45, 12:45 and 18:45), else just the phase."""
+        if self.period_s is None or self.phase_s is None:
+            return []
+        per_day = DAY / self.period_s
+        if self.local_clock and self.period_s < DAY and abs(per_day - round(per_day)) < 1e-6:
+            return sorted((self.phase_s + k * self.period_s) % DAY for k in range(round(per_day)))
+        return [self.phase_s]
+
 
 class Schedule(NamedTuple):
     """One period's best window, as evidence: phase, jitter, which events are on schedule."""
@@ -452,6 +481,8 @@ class PeriodicityTest:
         if best is None:
             return result
         period, local, fit = best
+        if local:
+            period, fit = self._resolve_harmonics(times, period, fit)
         result.period_s = period
         result.local_clock = local
         result.family = ("24h" if period == DAY else "clock") if local else "free"
@@ -497,6 +528,61 @@ class PeriodicityTest:
             fit = self._describe(times, period, local)
         return period, local, fit
 
+    def _resolve_harmonics(self, times: np.ndarray, period: float,
+                           fit: Schedule) -> tuple[float, Schedule]:
+        """The clock period that explains the schedule found at ``period``: first the longest
+        multiple on which its occurrences keep one cycle in k (weekly, not "daily with misses"),
+        then the shortest divisor that keeps its events and fills its own cycles as well (every
+        6 hours, not "daily at one of its four times")."""
+        if not fit.inside.any():
+            return period, fit
+        wall = self.clock.wall(times)
+        cycles = np.unique(np.floor((wall[fit.inside] - fit.phase_s) / period + 0.5))
+        for multiple in sorted((c for c in CLOCK_PERIODS if c > period), reverse=True):
+            k = multiple / period
+            if abs(k - round(k)) > 1e-6 or len(cycles) < 2:
+                continue
+            residues, counts = np.unique(np.mod(cycles, round(k)), return_counts=True)
+            if counts.max() >= MULTIPLE_SHARE * len(cycles):
+                cycle = np.floor((wall - fit.phase_s) / period + 0.5)
+                mine = fit.inside & (np.mod(cycle, round(k)) == residues[counts.argmax()])
+                period, fit = multiple, self._schedule_near(wall, multiple,
+                                                            *_anchor(wall[mine], multiple))
+                break
+        fill = fit.occurrences / max(fit.expected, 1)
+        for divisor in sorted(c for c in CLOCK_PERIODS if c < period):
+            k = period / divisor
+            if abs(k - round(k)) > 1e-6:
+                continue
+            # Where P's on-schedule events sit on the divisor's clock (a 6-hourly job's events
+            # at 00:45 and 06:45, both on P's scan of the quiet night, coincide on a 6 h clock).
+            phase, half = _anchor(wall[fit.inside], divisor)
+            near = self._schedule_near(wall, divisor, phase, half)
+            away = self._schedule_near(wall, divisor, (phase + divisor / 2) % divisor, half)
+            kept = np.sum(near.inside & fit.inside)
+            near_fill = near.occurrences / max(near.expected, 1)
+            away_fill = away.occurrences / max(away.expected, 1)
+            if (kept >= DIVISOR_KEEP * fit.inside.sum()
+                    and near_fill >= DIVISOR_FILL * fill
+                    and near_fill - away_fill >= DIVISOR_EXCESS
+                    and near.inside.sum() <= MAX_ON_SCHEDULE_PER_CYCLE * near.occurrences):
+                return divisor, near
+        return period, fit
+
+    def _schedule_near(self, wall: np.ndarray, period: float, phase_s: float,
+                       half_s: float) -> Schedule:
+        """The schedule of local-clock events within ``half_s`` of a given phase."""
+        dev = (wall - phase_s + period / 2) % period - period / 2
+        inside = np.abs(dev) <= half_s
+        if inside.any():
+            phase_s = (phase_s + float(np.angle(np.mean(np.exp(2j * np.pi * dev[inside] / period)))
+                                       / (2 * np.pi) * period)) % period
+        spread = ((wall[inside] - phase_s + period / 2) % period - period / 2)
+        jitter = float(np.sqrt(np.mean(spread**2))) if inside.any() else 0.0
+        cycles = np.unique(np.floor((wall[inside] - phase_s) / period + 0.5))
+        expected = len(np.union1d(self.covered_cycles(period, phase_s, True), cycles))
+        return Schedule(phase_s, jitter, inside, len(cycles), expected)
+
     def _describe(self, times: np.ndarray, period: float, local: bool) -> Schedule:
         """Phase, jitter, on-schedule mask, occurrences seen and expected for one period."""
         tau = self.clock.wall(times) if local else times
@@ -532,6 +618,17 @@ class PeriodicityTest:
         if local:
             instants = self.clock.utc(instants)
         return k[self.coverage.contains(instants)]
+
+
+def _anchor(wall: np.ndarray, period: float) -> tuple[float, float]:
+    """Phase (circular mean) and window half-width of some local-clock events on a clock of
+    ``period``: a few robust spreads (1.4826 MAD), at least min(P/24, 1 h), at most P/4."""
+    angle = 2 * np.pi * np.mod(wall, period) / period
+    phase = float(np.angle(np.mean(np.exp(1j * angle))) / (2 * np.pi) * period) % period
+    dev = (wall - phase + period / 2) % period - period / 2
+    spread = 1.4826 * float(np.median(np.abs(dev))) if len(dev) else 0.0
+    half = max(HARMONIC_JITTERS * spread, min(period / 24, HARMONIC_MIN_S))
+    return phase, min(period / 4, half)
 
 
 def holm(p_values: list[float]) -> list[float]:

@@ -1,10 +1,13 @@
 """Bulk upload events: runs of activity bins in which a device sends much more than it usually does.
 
 A bin is "hot" when its upstream rate is at least ``baseline_factor`` times the device's baseline
-(the median upstream rate of its bins that sent anything).  Hot bins towards one endpoint group
-(across all its connections, including a chat connection that stays open for days) merge into one
-run while they are less than ``merge_gap_s`` apart.  A run is a bulk upload event when it moved at
-least ``upload_floor_bytes`` upstream and ``upload_ratio`` times more up than down.
+(the median upstream rate of its bins that sent anything), or at least the absolute
+``absolute_rate_bytes_per_s`` whatever the baseline: a device that sends little besides its
+uploads has its uploads as its baseline, and the relative rule alone would call none of them hot.
+Hot bins towards one endpoint group (across all its connections, including a chat connection that
+stays open for days) merge into one run while they are less than ``merge_gap_s`` apart.  A run is
+a bulk upload event when it moved at least ``upload_floor_bytes`` upstream and ``upload_ratio``
+times more up than down.
 
 A connection without activity rows (a Zeek or PCAPdroid import knows only totals) is treated as
 one block spread evenly over its duration, and its events say so (``from_totals``).
@@ -71,7 +74,8 @@ def bulk_events(blk: pd.DataFrame, groups: pd.DataFrame, thresholds: Thresholds)
         return pd.DataFrame(columns=EVENT_COLUMNS)
     base = device_baseline(blk)
     rate = blk["up"] / blk["dur"]
-    floor = blk["device"].map(base).fillna(0.0) * thresholds.baseline_factor
+    relative = blk["device"].map(base).fillna(0.0) * thresholds.baseline_factor
+    floor = np.minimum(relative, thresholds.absolute_rate_bytes_per_s)
     hot = blk[(blk["up"] > 0) & (rate >= floor)]
     hot = hot.merge(groups[["conn_id", "key"]], on="conn_id", how="inner")
     if hot.empty:

@@ -6,14 +6,22 @@ groups connections by endpoint (service, organisation, address block), finds bul
 (24 h first) against a calibrated null, and writes findings.json (docs/findings.md).  Prints one
 line per notable group.  The method is explained in docs/analysis.md.
 
+Devices are analysed one at a time (one device's records in memory at once): in this process,
+in N processes (--jobs N), or on a Dask cluster (--dask: a local one, or a scheduler's address).
+The findings are the same whichever way they ran.
+
 example:
   observer analyze records/ --config lab.yaml
   observer analyze records/ -o week-findings.json
+  observer analyze records/ --jobs 8
+  observer analyze records/ --dask --workers 4
+  observer analyze /shared/records/ --dask tcp://scheduler.lab:8786
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 VERDICT_MARK = {"periodic bulk upload": "!!", "periodic heartbeat": "~", "irregular uploads": "+"}
@@ -30,33 +38,53 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--simulations", type=int, default=1000, metavar="N",
                         help="Monte Carlo runs of the null model per event count (default 1000)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the null simulations")
+    parser.add_argument("--jobs", type=int, default=1, metavar="N",
+                        help="analyse devices in N processes on this machine (default 1)")
+    parser.add_argument("--dask", nargs="?", const="local", metavar="ADDRESS",
+                        help="analyse devices on dask.distributed: a local cluster, or the "
+                             "scheduler at ADDRESS (tcp://host:8786; its workers must see "
+                             "RECORDS_DIR at the same path)")
+    parser.add_argument("--workers", type=int, metavar="N",
+                        help="worker processes of the local Dask cluster (default: the cores "
+                             "available)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from observer import ObserverError
-    from observer.analysis import analyze_records, write_findings
+    from observer import ObserverError, words
+    from observer.analysis import write_findings
+    from observer.analysis.scale import analyze_devices
     from observer.catalog import load_catalog
     from observer.config import LabConfig, load_config
-    from observer.records import read_records
 
     if args.simulations < 100:
         raise ObserverError(f"--simulations must be at least 100, not {args.simulations}")
+    if args.jobs < 1 or (args.workers is not None and args.workers < 1):
+        raise ObserverError("--jobs and --workers must be at least 1")
+    if args.jobs > 1 and args.dask is not None:
+        raise ObserverError("--jobs and --dask exclude each other (--workers sizes a local "
+                            "Dask cluster)")
+    if args.workers is not None and args.dask != "local":
+        raise ObserverError("--workers sizes a local Dask cluster: use it with --dask and no "
+                            "address (a remote cluster has its own workers)")
     config = load_config(args.config) if args.config else LabConfig()
     if not args.records.is_dir():
         raise ObserverError(f"records directory {args.records} does not exist")
-    records = read_records(args.records)
-    if records["connections"].empty:
-        raise ObserverError(f"{args.records}: no connection records (run observer replay first)")
-    findings = analyze_records(records, config, load_catalog(config.catalogs),
-                               n_sim=args.simulations, seed=args.seed)
+    problems: list[str] = []
+    findings = analyze_devices(args.records, config, load_catalog(config.catalogs),
+                               n_sim=args.simulations, seed=args.seed, jobs=args.jobs,
+                               dask=args.dask, workers=args.workers, problems=problems)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        print(f"warning: {args.records}: skipped {len(problems)} unreadable record file(s): "
+              f"{problems[0]}{more}", file=sys.stderr)
     path = write_findings(findings, args.output or args.records / "findings.json")
-    notable = [f for f in findings["findings"] if f["verdict"] != "nothing notable"]
+    notable = [f for f in findings.findings if f.verdict != "nothing notable"]
     for f in notable:
-        print(f"{VERDICT_MARK.get(f['verdict'], ' '):>2} {f['summary']}")
-    quiet = len(findings["findings"]) - len(notable)
-    if args.config is None:
-        print("note: no --config given, so 'local time' above is UTC; pass the lab config "
-              "for the device owner's time zone")
+        print(f"{VERDICT_MARK.get(f.verdict, ' '):>2} {f.summary}")
+    note = words.zone_note(findings.timezone, findings.timezone_configured)
+    if note:
+        print(f"note: {note}")
+    quiet = len(findings.findings) - len(notable)
     print(f"{len(notable)} notable group(s), {quiet} without bulk uploads or heartbeats; "
           f"findings: {path}")
     return 0
