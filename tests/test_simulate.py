@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import itertools
 import json
 import shutil
 import subprocess
@@ -226,7 +227,7 @@ def test_jobs_follow_the_local_clock_across_dst(tmp_path):
 
 
 def test_bundled_scenarios_load():
-    assert {"week", "quiet", "hidden", "month", "dst"} <= set(bundled_names())
+    assert {"week", "quiet", "hidden", "month", "dst", "dualstack", "fleet"} <= set(bundled_names())
     week = load_scenario(None)
     assert (week.name, week.days, week.timezone) == ("week", 7, "Europe/Berlin")
     assert load_scenario("month").days == 30
@@ -278,3 +279,225 @@ def test_cli_writes_capture_and_prints_summary(tmp_path, capsys):
     truth = json.loads(out.with_name("cli.truth.json").read_text())
     assert truth["scenario"]["days"] == 1 and truth["scenario"]["seed"] == 3
     assert out.stat().st_size > 24
+
+
+# --- several phones, IPv6 privacy addresses, address families, rotated files -------------------
+
+QUIET = {"messages_per_day": 20, "media_per_day": 4, "media_median_kb": 20,
+         "telemetry_interval_s": 900, "quic_per_day": 2, "ipv6_share": 0.8}
+LAB = {
+    "name": "lab", "days": 3, "start": "2026-03-02", "seed": 9, "activity": QUIET,
+    "phones": [
+        {"name": "dual", "mac": "02:00:5e:10:00:31", "ip": "192.168.50.31",
+         "ipv6": "2001:db8:50::31", "temporary_ipv6": True,
+         "jobs": [{"name": "export", "size_kb": 800, "at": "02:00", "jitter_min": 10,
+                   "family": "alternate"}]},
+        {"name": "v6only-export", "jobs": [{"name": "export", "size_kb": 600, "at": "03:00",
+                                            "server_name": "up.v6-collector.net",
+                                            "family": "ipv6"}]},
+        {"name": "silent", "chat": {"enabled": False},
+         "activity": {"messages_per_day": 0, "media_per_day": 0, "quic_per_day": 0,
+                      "telemetry_interval_s": 0},
+         "jobs": [{"name": "upload", "size_kb": 500, "at": "04:00", "every": "12h"}]},
+    ],
+}
+
+
+def _frames(pcap: Path) -> list[dict]:
+    """Ethernet and IP addresses of every frame, read with scapy's raw pcap reader and decoded
+    here from the header bytes (fast enough for a week of several phones)."""
+    import ipaddress
+
+    from scapy.utils import RawPcapReader
+
+    rows = []
+    for frame, meta in RawPcapReader(str(pcap)):
+        v6 = frame[12:14] == b"\x86\xdd"
+        src, dst = (frame[22:38], frame[38:54]) if v6 else (frame[26:30], frame[30:34])
+        rows.append({"ts": meta.sec + meta.usec / 1e6, "smac": frame[6:12].hex(":"),
+                     "dmac": frame[0:6].hex(":"), "v6": v6, "size": meta.wirelen,
+                     "src": str(ipaddress.ip_address(src)), "dst": str(ipaddress.ip_address(dst))})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory) -> tuple[Path, dict, list[dict]]:
+    """Three phones on one network: (pcap, truth, frames)."""
+    pcap = tmp_path_factory.mktemp("lab") / "lab.pcap"
+    truth = json.loads(simulate(Scenario.from_dict(LAB, name="lab"), pcap,
+                                progress=False).read_text())
+    return pcap, truth, _frames(pcap)
+
+
+def test_each_phone_sends_from_its_own_mac(lab):
+    _pcap, truth, rows = lab
+    phones = {p["mac"]: p for p in truth["phones"]}
+    assert len(phones) == 3
+    gateway = "02:00:5e:10:00:01"
+    seen = defaultdict(set)
+    for r in rows:
+        if r["smac"] != gateway:
+            assert r["dmac"] == gateway
+            seen[r["smac"]].add(r["src"])
+        else:
+            seen[r["dmac"]].add(r["dst"])
+    assert set(seen) == set(phones)
+    for mac, addresses in seen.items():
+        phone = phones[mac]
+        known = {phone["ip"]} | {a["address"] for a in phone["ipv6_addresses"]}
+        assert addresses <= known, (phone["name"], addresses - known)
+        assert phone["ip"] in addresses
+
+
+def test_temporary_ipv6_addresses_rotate_daily(lab):
+    _pcap, truth, rows = lab
+    dual = next(p for p in truth["phones"] if p["name"] == "dual")
+    temporary = [a for a in dual["ipv6_addresses"] if a["kind"] == "temporary"]
+    assert 3 <= len(temporary) <= 4  # 3 days: the first address, then one a day
+    for a, b in itertools.pairwise(temporary):
+        assert a["until"] == b["from"]
+        if a["from"] > truth["capture"]["ts_start"]:
+            assert a["until"] - a["from"] == pytest.approx(86400, abs=1)
+    prefix = dual["ipv6"].rsplit(":", 2)[0]
+    used = {r["src"] for r in rows if r["v6"] and r["smac"] == dual["mac"]}
+    # Outgoing IPv6 leaves only from temporary addresses in the stable address's /64, one a day,
+    # each used only while it is the current one.
+    assert len(used) >= 3 and dual["ipv6"] not in used
+    assert all(a.startswith("2001:db8:50:0:") for a in used) and prefix
+    for r in rows:
+        if r["v6"] and r["smac"] == dual["mac"] and r["size"] < 100 and r["src"] in used:
+            current = next(a for a in temporary if a["address"] == r["src"])
+            assert current["from"] - 1 <= r["ts"] <= current["until"] + 3600
+
+
+def test_export_families_follow_the_job(lab):
+    _pcap, truth, rows = lab
+    exports = [u for u in truth["uploads"] if u["device"] == "dual"]
+    assert [u["family"] for u in exports] == [
+        "ipv6" if u["occurrence"] % 2 else "ipv4" for u in exports]
+    assert {u["family"] for u in exports} == {"ipv4", "ipv6"}
+    dual = next(p for p in truth["phones"] if p["name"] == "dual")
+    for u in exports:
+        if u["family"] == "ipv6":
+            current = [a for a in dual["ipv6_addresses"] if a["kind"] == "temporary"
+                       and a["from"] <= u["ts_start"] < a["until"]]
+            assert [a["address"] for a in current] == [u["client_ip"]]
+            assert ":" in u["server_ip"]
+        else:
+            assert u["client_ip"] == dual["ip"]
+        up = [r for r in rows if r["src"] == u["client_ip"] and r["dst"] == u["server_ip"]
+              and u["ts_start"] - 1e-6 <= r["ts"] <= u["ts_end"] + 1e-6]
+        assert up and up[0]["ts"] == pytest.approx(u["ts_start"], abs=1e-6)
+    v6only = [u for u in truth["uploads"] if u["device"] == "v6only-export"]
+    assert len(v6only) == 3 and {u["family"] for u in v6only} == {"ipv6"}
+    assert all(u["client_ip"] == "2001:db8:50::24" for u in v6only)  # no temporaries
+
+
+def test_near_silent_phone_sends_little_but_its_uploads(lab):
+    _pcap, truth, rows = lab
+    silent = next(p for p in truth["phones"] if p["name"] == "silent")
+    assert silent["chat"]["sessions"] == [] and not silent["chat"]["enabled"]
+    uploads = [u for u in truth["uploads"] if u["device"] == "silent"]
+    assert len(uploads) == 6  # twice a day for 3 days
+    mine = [r for r in rows if silent["mac"] in (r["smac"], r["dmac"])]
+    inside = [r for r in mine if any(u["ts_start"] - 1 <= r["ts"] <= u["ts_end"] + 5
+                                     for u in uploads)]
+    assert len(mine) - len(inside) < 100  # only the DNS look-ups before each upload
+
+
+def test_fleet_writes_hourly_files_with_truth(tmp_path):
+    from observer.simulate import fleet_scenario
+
+    scenario = fleet_scenario(phones=3, days=1, seed=3, with_export=2)
+    out = tmp_path / "fleet"
+    truth_file = simulate(scenario, out, progress=False)
+    assert truth_file == tmp_path / "fleet.truth.json"
+    truth = json.loads(truth_file.read_text())
+    files = truth["capture"]["files"]
+    assert len(files) == 24 and sorted(p.name for p in out.glob("*.pcap")) == \
+        [f["file"] for f in files]
+    assert sum(f["packets"] for f in files) == truth["capture"]["packets"]
+    assert len(truth["phones"]) == 3
+    assert sum(1 for p in truth["phones"] if p["exports"]) == 2
+    macs = {p["mac"] for p in truth["phones"]} | {"02:00:5e:10:00:01"}
+    for f in files[::5]:  # every file holds only its own hour, and starts with a pcap header
+        frames = _frames(out / f["file"])
+        assert len(frames) == f["packets"]
+        assert all(f["ts_start"] <= r["ts"] < f["ts_end"] for r in frames)
+        assert {r["smac"] for r in frames} | {r["dmac"] for r in frames} <= macs
+    devices = {u["device"] for u in truth["uploads"]}
+    assert devices <= {p["name"] for p in truth["phones"]} and len(devices) >= 2
+    # A second run over the same folder replaces its files, never mixes two runs.
+    simulate(scenario.with_seed(4), out, progress=False)
+    assert len(list(out.glob("*.pcap"))) == len(json.loads(truth_file.read_text())
+                                                ["capture"]["files"])
+
+
+def test_fleet_replays_as_one_device_per_phone(tmp_path):
+    from observer.records import read_records
+    from observer.simulate import fleet_scenario
+    from observer.sources import replay
+
+    scenario = fleet_scenario(phones=3, days=1, seed=5)
+    truth = json.loads(simulate(scenario, tmp_path / "fleet", progress=False).read_text())
+    files = sorted((tmp_path / "fleet").glob("*.pcap"))
+    stats = replay(files, tmp_path / "records", config=scenario.lab_config(), progress=False)
+    assert not stats.errors
+    devices = set(read_records(tmp_path / "records")["connections"]["device"].astype(str))
+    assert devices == {p["name"] for p in truth["phones"]}
+
+
+@pytest.mark.parametrize(("change", "key", "words"), [
+    ({"phones": [{"name": "a"}], "jobs": []}, "jobs", "under each phone"),
+    ({"phones": [{"name": "a"}, {"name": "a"}]}, "phones.1.name", "two phones"),
+    ({"phones": [{"mac": "02:00:5e:10:00:01"}, {"mac": "02:00:5e:10:00:01"}]}, "phones.1.mac",
+     "two phones"),
+    ({"phones": [{"chat": {"enabled": False},
+                  "jobs": [{"name": "x", "inside_long_lived": True}]}]},
+     "phones.0.jobs.0.inside_long_lived", "no chat"),
+    ({"jobs": [{"name": "x", "family": "ipv5"}]}, "jobs.0.family", "one of"),
+    ({"jobs": [{"name": "x", "inside_long_lived": True, "family": "ipv6"}]}, "jobs.0.family",
+     "chat"),
+    ({"fleet": {"phones": 3, "with_export": 4}}, "fleet.with_export", "at most"),
+    ({"rotate": "10s"}, "rotate", "at least"),
+    ({"activity": {"telemetry_interval_s": 5}}, "activity.telemetry_interval_s", "0 (none)"),
+])
+def test_lab_scenario_errors_name_the_key(change, key, words):
+    lab = "phones" in change or "fleet" in change
+    data = {k: v for k, v in SMALL.items() if not (lab and k in ("device", "jobs"))}
+    data.update(change)
+    with pytest.raises(ObserverError) as err:
+        Scenario.from_dict(data, name="lab-7")
+    message = str(err.value)
+    assert message.startswith("lab-7") and f": {key}:" in message and words in message
+
+
+def test_lab_replays_as_one_device_per_mac(lab, tmp_path):
+    """The config names each phone by MAC and stable addresses only; every temporary address
+    of the dual-stack phone must still land on that phone."""
+    from observer.records import read_records
+    from observer.sources import replay
+
+    pcap, truth, _rows = lab
+    scenario = Scenario.from_dict(LAB, name="lab")
+    stats = replay([pcap], tmp_path / "records", config=scenario.lab_config(), progress=False)
+    assert not stats.errors
+    conns = read_records(tmp_path / "records")["connections"]
+    assert set(conns["device"].astype(str)) == {p["name"] for p in truth["phones"]}
+    dual = conns[conns["device"].astype(str) == "dual"]
+    used = {a for a in dual["client_ip"].astype(str) if ":" in a}
+    temporary = {a["address"] for p in truth["phones"] if p["name"] == "dual"
+                 for a in p["ipv6_addresses"] if a["kind"] == "temporary"}
+    assert len(used) >= 3 and used <= temporary
+
+
+def test_cli_writes_a_rotated_fleet(tmp_path, capsys):
+    from observer.cli import main
+
+    out = tmp_path / "lab"
+    assert main(["simulate", "fleet", "-o", str(out), "--days", "1", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    truth = json.loads((tmp_path / "lab.truth.json").read_text())
+    files = truth["capture"]["files"]
+    assert f"({len(files)} files" in printed and len(files) == 24
+    assert len(truth["phones"]) == 8 and len(list(out.glob("fleet-*.pcap"))) == 24

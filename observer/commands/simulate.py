@@ -12,6 +12,7 @@ examples:
   observer simulate -o week.pcap                  the bundled 7-day default (week.yaml)
   observer simulate hidden -o hidden.pcap         a bundled scenario by name (see --list)
   observer simulate my.yaml -o my.pcap --days 2 --seed 3
+  observer simulate fleet -o fleet/               8 phones, hourly rotated files in fleet/
   observer replay week.pcap                       then turn the capture into records
 
 Scenario keys are documented in docs/scenarios.md.
@@ -52,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
         scenario = scenario.with_days(args.days)
     if args.seed is not None:
         scenario = scenario.with_seed(args.seed)
-    out = args.out or Path(f"{scenario.name}.pcap")
+    # A scenario with `rotate:` writes a folder of files (docs/scenarios.md).
+    out = args.out or Path(scenario.name if scenario.rotate_s else f"{scenario.name}.pcap")
     started = time.monotonic()
     truth_file = simulate(scenario, out, progress=False if args.no_progress else None)
     elapsed = time.monotonic() - started
@@ -61,8 +63,11 @@ def run(args: argparse.Namespace) -> int:
 
     truth = json.loads(truth_file.read_text(encoding="utf-8"))
     capture = truth["capture"]
-    size_mb = out.stat().st_size / 1e6
-    print(f"wrote {out} ({size_mb:.1f} MB): {capture['packets']:,} packets, "
+    files = [out / f["file"] for f in capture["files"]] or [out]
+    size_mb = sum(f.stat().st_size for f in files) / 1e6
+    where = f"{out} ({len(files)} files" if capture["files"] else f"{out} ("
+    print(f"wrote {where}{', ' if capture['files'] else ''}{size_mb:.1f} MB): "
+          f"{capture['packets']:,} packets, "
           f"{capture['wire_bytes']:,} bytes on the wire, {scenario.days} days, in {elapsed:.1f} s")
     print(f"ground truth: {truth_file} ({len(truth['uploads'])} scheduled uploads, "
           f"{len(truth['missed'])} missed)")

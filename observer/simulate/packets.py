@@ -30,6 +30,7 @@ PACKET = np.dtype([
     ("sip", "<u4"), ("dip", "<u4"),
     ("sport", "<u2"), ("dport", "<u2"), ("flags", "u1"), ("seq", "<u4"), ("ack", "<u4"),
     ("plen", "<u4"), ("blob", "<i4"),
+    ("dev", "u1"),  # which phone (index into the scenario's phones): its MAC on the frame
 ])
 WRITE_BATCH = 32768  # packets per batch: bounds the writer's scratch memory to a few tens of MB
 PCAP_HEADER = struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1)
@@ -78,6 +79,8 @@ class Conn:
     server_ip: str = ""
     v6: bool = False
     isn: tuple[int, int] = (0, 0)
+    dev: int = 0  # the phone
+    client_ip6: str = ""  # the phone's IPv6 address this connection uses (stable or temporary)
 
     def send(self, t: float, direction: int, nbytes: int, rate: float, blob: int = -1) -> float:
         """Queue a message at ``t``; returns the time of its last segment."""
@@ -105,6 +108,7 @@ class Tables:
     """Every planned message, control packet and UDP datagram, as flat arrays."""
 
     conn_v6: np.ndarray
+    conn_dev: np.ndarray
     conn_sip: np.ndarray
     conn_dip: np.ndarray
     conn_sport: np.ndarray
@@ -124,12 +128,14 @@ class Tables:
     datagrams: np.ndarray  # PACKET rows of UDP datagrams (DNS, QUIC)
 
 
-def build_tables(conns: list[Conn], device_ip: int, v6: V6Addresses, datagrams: np.ndarray
-                 ) -> Tables:
+def build_tables(conns: list[Conn], device_ips: list[int], v6: V6Addresses,
+                 datagrams: np.ndarray) -> Tables:
     """Flatten planned connections; sequence offsets come from each direction's running total."""
     n = len(conns)
     is_v6 = np.array([c.v6 for c in conns], bool)
-    sip = np.where(is_v6, 0, device_ip).astype(np.uint32)  # index 0: the device's IPv6 address
+    dev = np.array([c.dev for c in conns], np.uint8)
+    sip = np.array([v6.add(c.client_ip6) if c.v6 else device_ips[c.dev] for c in conns],
+                   np.uint32)
     dip = np.array([v6.add(c.server_ip) if c.v6 else ip_to_int(c.server_ip) for c in conns],
                    np.uint32)
     sport = np.array([c.client_port for c in conns], np.uint16)
@@ -149,7 +155,7 @@ def build_tables(conns: list[Conn], device_ip: int, v6: V6Addresses, datagrams: 
     # Running byte totals per connection and direction (messages are in time order per connection).
     up_bytes = np.where(msg_dir == UP, msg_len, 0)
     down_bytes = np.where(msg_dir == DOWN, msg_len, 0)
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    starts = np.cumsum(counts) - counts
     up_before = _grouped_exclusive_cumsum(up_bytes, starts, counts)
     down_before = _grouped_exclusive_cumsum(down_bytes, starts, counts)
     off_self = np.where(msg_dir == UP, up_before, down_before)
@@ -178,8 +184,9 @@ def build_tables(conns: list[Conn], device_ip: int, v6: V6Addresses, datagrams: 
     ctl_rows = np.zeros(len(ctl_arr), PACKET)
     cid = ctl_arr["conn"]
     _fill_tcp(ctl_rows, to_us(ctl_arr["ts"]), ctl_arr["dir"], is_v6[cid], sip[cid], dip[cid],
-              sport[cid], dport[cid], ctl_arr["flags"], ctl_arr["seq"], ctl_arr["ack"], 0, -1)
-    return Tables(is_v6, sip, dip, sport, dport, isn_c, isn_s, rtt, msg_conn, msg_t, msg_dir,
+              sport[cid], dport[cid], ctl_arr["flags"], ctl_arr["seq"], ctl_arr["ack"], 0, -1,
+              dev[cid])
+    return Tables(is_v6, dev, sip, dip, sport, dport, isn_c, isn_s, rtt, msg_conn, msg_t, msg_dir,
                   msg_len, cat("msg_spacing", np.float64), cat("msg_blob", np.int64), off_self,
                   off_other, ctl_rows, datagrams)
 
@@ -195,7 +202,7 @@ def _group_sum(values: np.ndarray, groups: np.ndarray, n: int) -> np.ndarray:
 
 
 def _fill_tcp(rows: np.ndarray, ts_us, direction, v6, sip, dip, sport, dport, flags, seq, ack,
-              plen, blob) -> None:
+              plen, blob, dev) -> None:
     """Fill PACKET rows of a connection table, turning (client, server) into (source, dest)."""
     up = np.asarray(direction) == UP
     rows["ts_us"] = ts_us
@@ -211,6 +218,7 @@ def _fill_tcp(rows: np.ndarray, ts_us, direction, v6, sip, dip, sport, dport, fl
     rows["ack"] = np.asarray(ack, np.uint64) & 0xFFFFFFFF
     rows["plen"] = plen
     rows["blob"] = blob
+    rows["dev"] = dev
 
 
 def expand(tables: Tables, select: np.ndarray) -> np.ndarray:
@@ -239,7 +247,8 @@ def expand(tables: Tables, select: np.ndarray) -> np.ndarray:
     data = np.zeros(len(j), PACKET)
     _fill_tcp(data, to_us(ts), direction, tables.conn_v6[conn], tables.conn_sip[conn],
               tables.conn_dip[conn],
-              tables.conn_sport[conn], tables.conn_dport[conn], flags, seq, ack, seg_len, blob)
+              tables.conn_sport[conn], tables.conn_dport[conn], flags, seq, ack, seg_len, blob,
+              tables.conn_dev[conn])
     # The receiver ACKs every second segment and the last one; the server's ACKs reach the capture
     # point one round trip later, the phone's almost at once.
     a = np.flatnonzero((j % 2 == 1) | last)
@@ -248,16 +257,15 @@ def expand(tables: Tables, select: np.ndarray) -> np.ndarray:
     acks = np.zeros(len(a), PACKET)
     _fill_tcp(acks, to_us(ts[a] + delay), 1 - direction[a], tables.conn_v6[ca], tables.conn_sip[ca],
               tables.conn_dip[ca], tables.conn_sport[ca], tables.conn_dport[ca], ACK, ack[a],
-              seq[a] + seg_len[a].astype(np.uint64), 0, -1)
+              seq[a] + seg_len[a].astype(np.uint64), 0, -1, tables.conn_dev[ca])
     return np.concatenate([data, acks])
 
 
 class V6Addresses:
     """IPv6 addresses by index: PACKET rows of IPv6 packets keep indices in ``sip``/``dip``."""
 
-    def __init__(self, device: str) -> None:
+    def __init__(self) -> None:
         self.index: dict[str, int] = {}
-        self.add(device)
 
     def add(self, address: str) -> int:
         return self.index.setdefault(ipaddress.IPv6Address(address).exploded, len(self.index))
@@ -270,18 +278,22 @@ class V6Addresses:
 class PcapWriter:
     """Writes PACKET tables as classic pcap (microseconds, little-endian, Ethernet)."""
 
-    def __init__(self, out: BinaryIO, blobs: Blobs, v6: V6Addresses, device_mac: str,
+    def __init__(self, out: BinaryIO, blobs: Blobs, v6: V6Addresses, device_macs: list[str],
                  gateway_mac: str) -> None:
-        self.out = out
         self.blobs = blobs
         self.blob_len = np.zeros(0, np.int64)
         self.blob_sum = np.zeros(0, np.uint64)
         self.v6 = v6.table()
-        self.macs = (np.frombuffer(bytes.fromhex(gateway_mac.replace(":", "")), np.uint8),
-                     np.frombuffer(bytes.fromhex(device_mac.replace(":", "")), np.uint8))
+        self.gateway_mac = _mac(gateway_mac)
+        self.device_macs = np.stack([_mac(m) for m in device_macs])
         self.packets = 0
         self.wire_bytes = 0
         self.ip_id = 0
+        self.switch(out)
+
+    def switch(self, out: BinaryIO) -> None:
+        """Continue in another file (rotation): it starts with its own pcap header."""
+        self.out = out
         out.write(PCAP_HEADER)
 
     def write(self, packets: np.ndarray) -> None:
@@ -331,8 +343,9 @@ class PcapWriter:
         _put(h, 8, (14 + l3 + hl4 + stored).astype("<u4"))
         _put(h, 12, (14 + l3 + hl4 + p["plen"]).astype("<u4"))
         up = p["up"].astype(bool)[:, None]
-        h[:, 16:22] = np.where(up, self.macs[0], self.macs[1])
-        h[:, 22:28] = np.where(up, self.macs[1], self.macs[0])
+        device = self.device_macs[p["dev"]]
+        h[:, 16:22] = np.where(up, self.gateway_mac, device)
+        h[:, 22:28] = np.where(up, device, self.gateway_mac)
         _put(h, 28, np.full(n, ethertype, ">u2"))
         return h
 
@@ -397,6 +410,10 @@ class PcapWriter:
         csum = np.where(is_udp & (csum == 0), 0xFFFF, csum).astype(">u2")
         _put(h, col + 16, csum, ~is_udp)
         _put(h, col + 6, csum, is_udp)
+
+
+def _mac(text: str) -> np.ndarray:
+    return np.frombuffer(bytes.fromhex(text.replace(":", "")), np.uint8)
 
 
 def _put(h: np.ndarray, col: int, values: np.ndarray, rows: np.ndarray | None = None) -> None:

@@ -1,12 +1,15 @@
-"""The traffic model: what one Android phone does over days, planned at the level of messages.
+"""The traffic model: what each Android phone does over days, planned at the level of messages.
 
-Each part draws from its own random stream (seed + part name), so adding a job to a scenario does
-not change the chat traffic, and the same seed always plans the same week.
+Each part draws from its own random stream (seed + part name, + phone index after the first), so
+adding a job to a scenario does not change the chat traffic, adding a phone does not change the
+others, and the same seed always plans the same week.
 """
 
 from __future__ import annotations
 
+import bisect
 import datetime as dt
+import ipaddress
 import zlib
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,7 +18,7 @@ import numpy as np
 
 from observer.simulate import wire
 from observer.simulate.packets import DOWN, MSS, PACKET, UDP, UP, Blobs, Conn, to_us
-from observer.simulate.scenario import Job, Scenario
+from observer.simulate.scenario import Job, Phone, Scenario
 
 # Relative user activity per local hour (messages, media): quiet nights, busy evenings.
 HOURLY = np.array([0.30, 0.15, 0.08, 0.05, 0.05, 0.10, 0.40, 1.00, 1.40, 1.20, 1.10, 1.20,
@@ -34,6 +37,7 @@ QUIC_NAMES = ("www.youtube.com", "i.ytimg.com", "www.googleapis.com")
 class Upload:
     """A scheduled-job upload the simulator emitted (ground truth)."""
 
+    dev: int  # index of the phone in the scenario
     job: Job
     occurrence: int
     nominal: float
@@ -52,6 +56,7 @@ class QuicFlow:
     up: list[int]
     sizes: list[int]
     blob: int
+    dev: int = 0
     client_port: int = 0
     server_ip: str = ""
 
@@ -62,69 +67,115 @@ class Plan:
     t0: float
     t_end: float
     conns: list[Conn] = field(default_factory=list)
-    dns: list[tuple[float, int, int, int]] = field(default_factory=list)  # ts, up?, port, blob
+    dns: list[tuple[float, int, int, int, int]] = field(default_factory=list)  # ts, up?, port,
+    # blob, phone
     quic: list[QuicFlow] = field(default_factory=list)
     blobs: Blobs = field(default_factory=Blobs)
     uploads: list[Upload] = field(default_factory=list)
     missed: list[dict[str, Any]] = field(default_factory=list)
     chat_sessions: list[Conn] = field(default_factory=list)
     gaps: list[tuple[float, float]] = field(default_factory=list)
+    # per phone: (preferred from, address) of its temporary IPv6 addresses, oldest first
+    temporary: list[list[tuple[float, str]]] = field(default_factory=list)
 
-    def datagram_rows(self, device_ip: int, resolver_ip: int) -> np.ndarray:
+    def datagram_rows(self, device_ips: list[int], resolver_ip: int) -> np.ndarray:
         """DNS and QUIC datagrams as PACKET rows."""
-        datagrams = [(ts, up, resolver_ip, port, 53, len(self.blobs.data[blob]), blob)
-                     for ts, up, port, blob in self.dns]
+        datagrams = [(ts, up, resolver_ip, port, 53, len(self.blobs.data[blob]), blob, dev)
+                     for ts, up, port, blob, dev in self.dns]
         for flow in self.quic:
             server = wire.ip_to_int(flow.server_ip)
             for i, (ts, up, size) in enumerate(zip(flow.times, flow.up, flow.sizes, strict=True)):
                 datagrams.append((ts, up, server, flow.client_port, 443, size,
-                                  flow.blob if i == 0 else -1))
+                                  flow.blob if i == 0 else -1, flow.dev))
         rows = np.zeros(len(datagrams), PACKET)
-        for i, (ts, up, server, port, server_port, size, blob) in enumerate(datagrams):
+        for i, (ts, up, server, port, server_port, size, blob, dev) in enumerate(datagrams):
+            device_ip = device_ips[dev]
             source, dest = (device_ip, server) if up else (server, device_ip)
             rows[i] = (to_us(ts), up, 0, UDP, source, dest, port if up else server_port,
-                       server_port if up else port, 0, 0, 0, size, blob)
+                       server_port if up else port, 0, 0, 0, size, blob, dev)
         return rows
 
 
-class Planner:
-    """Plans every connection of the scenario, then names them (DNS) and numbers them (ports)."""
+def plan_scenario(scenario: Scenario) -> Plan:
+    """Every phone's connections in one plan (shared blobs, capture gaps)."""
+    plan = Plan(scenario, scenario.local_midnight(0), scenario.local_midnight(scenario.days))
+    for gap in scenario.gaps:
+        start = scenario.local_midnight(gap.day) + gap.at_s
+        if start < plan.t_end:  # a gap may lie beyond a shortened run (--days)
+            plan.gaps.append((start, min(start + gap.hours * 3600, plan.t_end)))
+    # Names a job sends to over IPv6 get AAAA records (on every phone's resolver alike).
+    v6_names = {job.server_name for job in scenario.jobs if job.family != "ipv4"}
+    for index in range(len(scenario.phones)):
+        Planner(scenario, index, plan, v6_names).run()
+    return plan
 
-    def __init__(self, scenario: Scenario) -> None:
+
+class Planner:
+    """Plans every connection of one phone, then names them (DNS) and numbers them (ports)."""
+
+    def __init__(self, scenario: Scenario, index: int, plan: Plan, v6_names: set[str]) -> None:
         self.s = scenario
-        t0, t_end = scenario.local_midnight(0), scenario.local_midnight(scenario.days)
-        self.plan = Plan(scenario, t0, t_end)
-        self.up_rate = scenario.activity.uplink_mbps * 1e6 / 8
-        self.down_rate = scenario.activity.downlink_mbps * 1e6 / 8
+        self.index = index
+        self.phone: Phone = scenario.phones[index]
+        self.plan = plan
+        self.v6_names = v6_names
+        self.first_conn = len(plan.conns)
+        self.first_quic = len(plan.quic)
+        self.up_rate = self.phone.activity.uplink_mbps * 1e6 / 8
+        self.down_rate = self.phone.activity.downlink_mbps * 1e6 / 8
         self.hidden: list[tuple[float, Upload]] = []
+        self.temporary = self.temporary_addresses()
+        plan.temporary.append(self.temporary)
 
     def rng(self, part: str) -> np.random.Generator:
-        return np.random.default_rng([self.s.seed, zlib.crc32(part.encode())])
+        key = [self.s.seed, zlib.crc32(part.encode())]
+        return np.random.default_rng([*key, self.index] if self.index else key)
+
+    def temporary_addresses(self) -> list[tuple[float, str]]:
+        """RFC 8981 temporary addresses in the stable address's /64: one in use when the capture
+        starts, then a new random interface identifier every ``temporary_every_s``."""
+        if not self.phone.temporary_ipv6:
+            return []
+        rng = self.rng("ipv6-temporary")
+        every = self.phone.temporary_every_s
+        prefix = int(ipaddress.IPv6Address(self.phone.ipv6)) >> 64 << 64
+        starts = [self.plan.t0 - float(rng.uniform(0, every))]
+        while starts[-1] + every < self.plan.t_end:
+            starts.append(starts[-1] + every)
+        return [(t, str(ipaddress.IPv6Address(prefix | int(rng.integers(1, 2**63)))))
+                for t in starts]
+
+    def source6(self, t: float) -> str:
+        """The phone's IPv6 address for a connection opened at ``t``."""
+        if not self.temporary:
+            return self.phone.ipv6
+        k = max(0, bisect.bisect_right([start for start, _ in self.temporary], t) - 1)
+        return self.temporary[k][1]
+
+    def addresses6(self, name: str) -> tuple[str, ...]:
+        return wire.endpoint6(name) or (
+            (wire.documentation6(name),) if name in self.v6_names else ())
 
     def rtt(self, name: str, rng: np.random.Generator) -> float:
         base = 0.012 + (zlib.crc32(name.encode()) % 30) / 1000
         return base * (1 + 0.3 * rng.random())
 
-    def run(self) -> Plan:
-        p = self.plan
-        for gap in self.s.gaps:
-            start = self.s.local_midnight(gap.day) + gap.at_s
-            if start < p.t_end:  # a gap may lie beyond a shortened run (--days)
-                p.gaps.append((start, min(start + gap.hours * 3600, p.t_end)))
-        for job in self.s.jobs:
+    def run(self) -> None:
+        for job in self.phone.jobs:
             self.job(job)
-        self.chat()
+        if self.phone.chat.enabled:
+            self.chat()
         self.media()
-        self.telemetry()
+        if self.phone.activity.telemetry_interval_s:
+            self.telemetry()
         self.quic()
         self.name_and_number()
-        return p
 
     # -- building blocks -------------------------------------------------------------------------
 
     def tls(self, tag: str, t: float, name: str, port: int, rng: np.random.Generator) -> Conn:
         """A TLS connection whose handshake is queued: ClientHello, server flight, Finished."""
-        conn = Conn(tag, name, port, t, self.rtt(name, rng))
+        conn = Conn(tag, name, port, t, self.rtt(name, rng), dev=self.index)
         blob = self.plan.blobs.add(wire.client_hello(name, rng))
         conn.send(t + conn.rtt + 0.0004, UP, len(self.plan.blobs.data[blob]), self.up_rate, blob)
         conn.send(t + 2 * conn.rtt + 0.002, DOWN, int(rng.integers(2600, 5400)), self.down_rate)
@@ -190,7 +241,7 @@ class Planner:
                 offset = float(rng.uniform(-job.jitter_min, job.jitter_min)) * 60
             size = int(job.size_bytes * (1 + job.size_jitter * rng.uniform(-1, 1)))
             size = max(size, 1)
-            missed = {"job": job.name, "kind": job.kind, "occurrence": k,
+            missed = {"device": self.phone.name, "job": job.name, "kind": job.kind, "occurrence": k,
                       "nominal_ts": round(nominal, 6), "local_time": local.isoformat()}
             miss_draw = rng.random()
             if k in job.skip or local.date() in job.skip_dates:
@@ -205,15 +256,17 @@ class Planner:
                 self.plan.missed.append({**missed, "reason": "outside the capture"})
                 continue
             if job.inside_long_lived:
-                self.hidden.append((t, Upload(job, k, nominal, size)))
+                self.hidden.append((t, Upload(self.index, job, k, nominal, size)))
                 continue
             conn = self.tls(f"job:{job.name}", t, job.server_name, job.port, rng)
+            conn.v6 = job.family == "ipv6" or (job.family == "alternate" and k % 2 == 1) or (
+                job.family == "mixed" and rng.random() < 0.5)
             header = int(rng.integers(500, 900))
             conn.send(conn.cursor + 0.01, UP, size + header, rate)
             conn.send(conn.cursor + 0.05, DOWN, job.response_bytes, self.down_rate)
             conn.t_close = conn.cursor + float(rng.uniform(0.2, 3))
             conn.close = "fin"
-            self.plan.uploads.append(Upload(job, k, nominal, size, conn))
+            self.plan.uploads.append(Upload(self.index, job, k, nominal, size, conn))
 
     # -- the messenger's long-lived connection ---------------------------------------------------
 
@@ -224,7 +277,7 @@ class Planner:
         p = self.plan
         windows = self.hidden_windows()
         # Reconnects: a Poisson process, kept clear of the hidden uploads.
-        n = rng.poisson(self.s.chat.reconnects_per_day * self.s.days)
+        n = rng.poisson(self.phone.chat.reconnects_per_day * self.s.days)
         cuts = np.sort(rng.uniform(p.t0 + 600, p.t_end - 600, n))
         cuts = [x for x in cuts if not any(s - 120 < x < e + 120 for s, e, _ in windows)]
         bounds = [p.t0 + float(rng.uniform(2, 30)), *cuts, p.t_end]
@@ -232,7 +285,7 @@ class Planner:
         event_times = np.array([e[0] for e in events])
         for i in range(len(bounds) - 1):
             start, stop = bounds[i] + (float(rng.uniform(1, 15)) if i else 0.0), bounds[i + 1]
-            conn = self.tls("chat", start, self.s.chat.server_name, self.s.chat.port, rng)
+            conn = self.tls("chat", start, self.phone.chat.server_name, self.phone.chat.port, rng)
             p.chat_sessions.append(conn)
             conn.send(conn.cursor + 0.01, UP, int(rng.integers(300, 700)), self.up_rate)
             conn.send(conn.cursor + 0.02, DOWN, int(rng.integers(500, 4000)), self.down_rate)
@@ -254,7 +307,7 @@ class Planner:
         """User messages (time, direction, bytes) in bursts through the day, each answered by a
         small receipt."""
         events = []
-        for start in self.daily_times(self.s.activity.messages_per_day / 5, rng):
+        for start in self.daily_times(self.phone.activity.messages_per_day / 5, rng):
             t = float(start)
             for _ in range(int(rng.integers(1, 10))):
                 direction = int(rng.random() < 0.5)
@@ -268,7 +321,7 @@ class Planner:
                      hidden: list[tuple[float, float, Upload]], rng: np.random.Generator) -> None:
         """Keepalives every few minutes with the messages between; a hidden upload holds the
         rest back while it runs."""
-        keepalive = self.s.chat.keepalive_s
+        keepalive = self.phone.chat.keepalive_s
         ka = np.arange(conn.cursor + keepalive, stop - 5, keepalive)
         ka = ka + rng.uniform(-0.1, 0.1, len(ka)) * keepalive
         items: list[tuple[float, int, int, Upload | None]] = [
@@ -302,7 +355,7 @@ class Planner:
     def media(self) -> None:
         """Photos, voice notes and videos: mostly downloads, irregular, mostly by day."""
         rng = self.rng("media")
-        a = self.s.activity
+        a = self.phone.activity
         for t in self.daily_times(a.media_per_day, rng):
             name = MEDIA_NAMES[int(rng.integers(len(MEDIA_NAMES)))]
             conn = self.tls("media", float(t), name, 443, rng)
@@ -315,7 +368,7 @@ class Planner:
 
     def doze_windows(self) -> list[tuple[float, float, list[float]]]:
         """Per night: idle start and end, and the maintenance windows (after 1, 2, 4, then 6 h)."""
-        a = self.s.activity
+        a = self.phone.activity
         out = []
         for day in range(-1, self.s.days):
             midnight = self.s.local_midnight(day)
@@ -337,7 +390,7 @@ class Planner:
         """OS beacons every ~4.5 min while awake; batched into maintenance windows in Doze."""
         rng = self.rng("telemetry")
         p = self.plan
-        interval = self.s.activity.telemetry_interval_s
+        interval = self.phone.activity.telemetry_interval_s
         dozes = self.doze_windows()
         starts: list[float] = []
         t = p.t0 + float(rng.uniform(5, interval))
@@ -361,7 +414,7 @@ class Planner:
     def quic(self) -> None:
         """Short QUIC flows (video previews): a real client Initial, then mostly downloads."""
         rng = self.rng("quic")
-        for t in self.daily_times(self.s.activity.quic_per_day, rng):
+        for t in self.daily_times(self.phone.activity.quic_per_day, rng):
             name = QUIC_NAMES[int(rng.integers(len(QUIC_NAMES)))]
             blob = self.plan.blobs.add(wire.quic_initial(name, rng))
             n = int(rng.integers(6, 80))
@@ -369,7 +422,8 @@ class Planner:
             up = [1] + [int(i % 4 == 0) for i in range(1, n)]
             sizes = [len(self.plan.blobs.data[blob])] + [
                 int(rng.integers(30, 60)) if u else int(rng.integers(200, 1252)) for u in up[1:]]
-            self.plan.quic.append(QuicFlow(float(t), name, times.tolist(), up, sizes, blob))
+            self.plan.quic.append(QuicFlow(float(t), name, times.tolist(), up, sizes, blob,
+                                           self.index))
 
     # -- naming and numbering --------------------------------------------------------------------
 
@@ -379,26 +433,31 @@ class Planner:
         p = self.plan
         cache: dict[str, float] = {}
         port = int(rng.integers(32768, 61000))
-        flows: list[Conn | QuicFlow] = [*p.conns, *p.quic]
+        flows: list[Conn | QuicFlow] = [*p.conns[self.first_conn:], *p.quic[self.first_quic:]]
         for conn in sorted(flows, key=lambda c: c.t_open):
             addresses, cnames, ttl = wire.endpoint(conn.server_name)
             conn.server_ip = addresses[0]
-            addresses6 = wire.endpoint6(conn.server_name)
-            if (isinstance(conn, Conn) and conn.tag in ("media", "telemetry") and addresses6
-                    and rng.random() < self.s.activity.ipv6_share):
+            addresses6 = self.addresses6(conn.server_name)
+            if isinstance(conn, Conn) and conn.v6:  # a job's chosen family
+                conn.server_ip = addresses6[0]
+            elif (isinstance(conn, Conn) and conn.tag in ("media", "telemetry") and addresses6
+                    and rng.random() < self.phone.activity.ipv6_share):
                 conn.v6, conn.server_ip = True, addresses6[0]
+            if isinstance(conn, Conn) and conn.v6:
+                conn.client_ip6 = self.source6(conn.t_open)
             if cache.get(conn.server_name, -1.0) < conn.t_open:
                 q = conn.t_open - float(rng.uniform(0.03, 0.2))
                 answered = q + float(rng.uniform(0.002, 0.025))
                 for qtype in (1, 28):
                     txid = int(rng.integers(0, 65536))
-                    qport = int(rng.integers(1024, 65536))
+                    qport = int(rng.integers(32768, 61000))  # Android ephemeral ports
                     query = p.blobs.add(wire.dns_query(txid, conn.server_name, qtype))
                     answer = p.blobs.add(wire.dns_answer(
                         txid, conn.server_name, qtype,
-                        addresses if qtype == 1 else wire.endpoint6(conn.server_name), cnames, ttl))
-                    p.dns.append((q, 1, qport, query))
-                    p.dns.append((answered + (0.0007 if qtype == 28 else 0), 0, qport, answer))
+                        addresses if qtype == 1 else addresses6, cnames, ttl))
+                    p.dns.append((q, 1, qport, query, self.index))
+                    p.dns.append((answered + (0.0007 if qtype == 28 else 0), 0, qport, answer,
+                                  self.index))
                 cache[conn.server_name] = answered + ttl
             port += int(rng.integers(1, 40))
             if port > 60999:

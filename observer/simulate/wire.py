@@ -58,6 +58,13 @@ def endpoint6(name: str) -> tuple[str, ...]:
     return ()
 
 
+def documentation6(name: str) -> str:
+    """A stable IPv6 address (documentation prefix, one /48 per name) for a name that a
+    scenario's job reaches over IPv6."""
+    digest = hashlib.sha256(name.encode()).digest()
+    return f"2001:db8:{0xf000 + digest[1] * 16 + digest[2] % 16:x}::{10 + digest[0] % 240:x}"
+
+
 def ip_to_int(ip: str) -> int:
     a, b, c, d = (int(x) for x in ip.split("."))
     return (a << 24) | (b << 16) | (c << 8) | d
