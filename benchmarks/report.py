@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import resource
 import statistics
 import subprocess
@@ -30,7 +29,7 @@ DATA = ROOT / "benchmarks" / "data"
 
 def prepare(name: str) -> tuple[Path, object]:
     """Records and findings.json of a bundled scenario (built once, then reused)."""
-    from observer.analysis import analyze_records, write_findings
+    from observer.analysis import analyze, records_stamp, write_findings
     from observer.catalog import load_catalog
     from observer.records import read_records
     from observer.simulate import load_scenario, simulate
@@ -46,8 +45,9 @@ def prepare(name: str) -> tuple[Path, object]:
         t = time.perf_counter()
         simulate(scenario, pcap)
         replay([pcap], records_dir, config=config, overwrite=True)
+        stamp = records_stamp(records_dir)
         records = read_records(records_dir)
-        write_findings(analyze_records(records, config, load_catalog(config.catalogs)),
+        write_findings(analyze(records, config, load_catalog(config.catalogs), source=stamp),
                        records_dir / "findings.json")
         pcap.unlink()
         print(f"[{name}] prepared in {time.perf_counter() - t:.1f} s", file=sys.stderr)
@@ -87,14 +87,15 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
 
+    from observer.analysis import read_findings
     from observer.records import read_records
     from observer.report import write_report
 
     rows = []
     for name in args.scenario:
-        records_dir, config = prepare(name)
+        records_dir, _ = prepare(name)
         records = read_records(records_dir)
-        findings = json.loads((records_dir / "findings.json").read_text())
+        findings = read_findings(records_dir / "findings.json")
         out = DATA / f"report-{name}" / "report"
         cli, cpu, warm, peer = [], [], [], []
         for _ in range(args.repeat):
@@ -102,7 +103,7 @@ def main() -> int:
             cli.append(wall)
             cpu.append(used)
             t = time.perf_counter()
-            page = write_report(records, findings, config, out)
+            page = write_report(records, findings, out)
             warm.append(time.perf_counter() - t)
             peer.append(naive_plot(records))
         rows.append((

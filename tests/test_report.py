@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
+from dataclasses import asdict
 from datetime import datetime
 from html.parser import HTMLParser
 from pathlib import Path
@@ -20,18 +21,16 @@ import pandas as pd
 import pytest
 from test_report_synthetic import TZ, synthetic_findings, synthetic_records
 
+from observer.analysis import records_stamp
+from observer.analysis.findings import endpoint_labels
+from observer.analysis.groups import endpoint_groups
 from observer.catalog import Catalog
 from observer.config import LabConfig
 from observer.records import conform, write_table
+from observer.records.export import neutralise
 from observer.report import aggregate, write_report
-from observer.report.text import (
-    csv_cell,
-    human_bytes,
-    human_duration,
-    md_escape,
-    period_words,
-    verdict_sentence,
-)
+from observer.report.text import md_escape
+from observer.words import human_bytes, human_duration, period_words, verdict_sentence
 
 HOSTILE = {
     # A TLS SNI with markup and script, a single label so it also becomes a plot label.
@@ -95,12 +94,19 @@ def test_verdict_sentences_name_backups_and_quote_the_numbers():
 def test_markdown_and_csv_cells_are_neutralised():
     assert md_escape("<b>x</b> | [a](b)\n#1") == "&lt;b&gt;x&lt;/b&gt; \\| \\[a\\](b) \\#1"
     for bad in ("=1+1", "+1", "-1", "@SUM(A1)", "\tx", "\rx"):
-        assert csv_cell(bad) == "'" + bad
-    assert csv_cell("mmg.whatsapp.net") == "mmg.whatsapp.net"
-    assert csv_cell(-5) == -5
+        assert neutralise(bad) == "'" + bad
+    assert neutralise("  =1+1") == "'  =1+1"
+    assert neutralise("mmg.whatsapp.net") == "mmg.whatsapp.net"
+    assert neutralise(-5) == -5
 
 
 # --- aggregation ---------------------------------------------------------------------------------
+
+
+def labelled(conns: pd.DataFrame) -> pd.DataFrame:
+    """Each connection's label as the analysis gives it (the report never labels on its own)."""
+    groups = endpoint_groups(conns, Catalog())
+    return aggregate.label_connections(conns, endpoint_labels(conns, groups))
 
 
 def _nightly(zone: str, first: datetime, days: int, hour: int) -> dict[str, pd.DataFrame]:
@@ -151,8 +157,8 @@ def _nightly(zone: str, first: datetime, days: int, hour: int) -> dict[str, pd.D
 )
 def test_heatmap_puts_a_nightly_upload_in_its_local_hour_every_day(zone, first):
     records = _nightly(zone, first, days=7, hour=4)
-    labels = aggregate.label_connections(records["connections"], Catalog())
-    flow = aggregate.traffic(records, labels["service"])
+    labels = labelled(records["connections"])
+    flow = aggregate.traffic(records, labels["label"])
     t0, t1 = aggregate.span(records)
     heat = aggregate.heatmap(flow, ZoneInfo(zone), t0, t1)
     assert len(heat.days) == 7
@@ -163,11 +169,11 @@ def test_heatmap_puts_a_nightly_upload_in_its_local_hour_every_day(zone, first):
 
 def test_timeline_keeps_every_byte_and_uses_bins_for_long_connections():
     records = synthetic_records(days=3, browsing_per_day=10)
-    labels = aggregate.label_connections(records["connections"], Catalog())
-    flow = aggregate.traffic(records, labels["service"])
+    labels = labelled(records["connections"])
+    flow = aggregate.traffic(records, labels["label"])
     # Drop the bins of one connection: its bytes must still count, from the connection row.
     records["activity"] = records["activity"][records["activity"]["conn_id"] != "export-1"]
-    flow_partial = aggregate.traffic(records, labels["service"])
+    flow_partial = aggregate.traffic(records, labels["label"])
     for f in (flow, flow_partial):
         t0, t1 = aggregate.span(records)
         tl = aggregate.timeline(f, t0, t1, aggregate.top_services(f, []))
@@ -182,8 +188,7 @@ def test_timeline_keeps_every_byte_and_uses_bins_for_long_connections():
 def test_endpoints_name_services_and_keep_unnamed_addresses():
     records = synthetic_records(days=2, browsing_per_day=10)
     conns = records["connections"]
-    labels = aggregate.label_connections(conns, Catalog())
-    table = aggregate.endpoints(conns, labels)
+    table = aggregate.endpoints(conns, labelled(conns))
     backup = table[table["name"] == "backup.googleapis.com"].iloc[0]
     assert (backup["service"], backup["organization"]) == ("Google Drive backup", "Google")
     assert table.iloc[0]["name"] == "backup.googleapis.com"
@@ -195,7 +200,7 @@ def test_endpoints_name_services_and_keep_unnamed_addresses():
 
 def test_event_table_lists_the_missed_night(tmp_path):
     records = synthetic_records(days=7, browsing_per_day=2)
-    page = write_report(records, synthetic_findings(records), LabConfig(timezone=TZ), tmp_path)
+    page = write_report(records, synthetic_findings(records), tmp_path)
     html = page.read_text(encoding="utf-8")
     # The synthetic backup skips the night of Thu 5 Nov; the capture was running then.
     assert html.count('<tr class="missed">') == 1
@@ -204,14 +209,20 @@ def test_event_table_lists_the_missed_night(tmp_path):
     assert "| Thu 5 Nov | no upload | | | | |" in (tmp_path / "report.md").read_text()
 
 
-def test_coverage_finds_the_gap_between_sessions():
+def test_coverage_is_the_analysis_coverage_and_sessions_only_draw_lanes():
     records = synthetic_records(days=7, browsing_per_day=2)
+    found = synthetic_findings(records)["coverage"]
     t0, t1 = aggregate.span(records)
-    cov = aggregate.coverage(records["sessions"], t0, t1)
-    assert cov.known and len(cov.gaps) == 1
-    a, b = cov.gaps[0]
-    assert b - a == pytest.approx(3 * 3600)
-    assert aggregate.coverage(conform("sessions", pd.DataFrame()), t0, t1).known is False
+    cov = aggregate.coverage(found, records["sessions"], t0, t1)
+    assert cov.known and not cov.inferred and len(cov.sessions) == 2
+    assert cov.gaps == [tuple(g) for g in found["gaps"]] and cov.covered_s == found["covered_s"]
+    # A different analysis coverage changes the report's gaps, whatever the sessions say.
+    other = {**found, "gaps": [[t0 + 3600, t0 + 7200]], "covered_s": 1.0}
+    cov = aggregate.coverage(other, records["sessions"], t0, t1)
+    assert cov.gaps == [(t0 + 3600, t0 + 7200)] and cov.covered_s == 1.0
+    inferred = aggregate.coverage(found, conform("sessions", pd.DataFrame()), t0, t1)
+    assert inferred.inferred and inferred.gaps == [tuple(g) for g in found["gaps"]]
+    assert aggregate.coverage({}, records["sessions"], t0, t1).known is False
 
 
 # --- hostile names -------------------------------------------------------------------------------
@@ -272,7 +283,7 @@ def hostile_records() -> tuple[dict[str, pd.DataFrame], dict]:
 @pytest.fixture(scope="module")
 def hostile_report(tmp_path_factory) -> Path:
     records, findings = hostile_records()
-    return write_report(records, findings, LabConfig(timezone=TZ), tmp_path_factory.mktemp("h"))
+    return write_report(records, findings, tmp_path_factory.mktemp("h"))
 
 
 def test_hostile_names_are_escaped_in_the_html(hostile_report):
@@ -435,20 +446,25 @@ def test_replayed_hostile_names_come_out_escaped(replayed_report):
     names = set(
         read_table(replayed_report.parents[1] / "records", "connections")["server_name"].dropna()
     )
-    assert set(REPLAYED.values()) <= names  # the replay really named them; now the report:
-    html = replayed_report.read_text(encoding="utf-8")
+    assert set(REPLAYED.values()) <= names  # the replay really named them; now the report(s):
+    root = replayed_report.parent  # report.html, or index.html over one report per device
+    pages = sorted(root.rglob("report.html"))
+    html = "".join(p.read_text(encoding="utf-8") for p in [*pages, replayed_report])
     assert "<script" not in html.lower() and "<svg" not in html and "<img src=x" not in html
     assert "&lt;script&gt;alert(&#34;sni&#34;)&lt;/script&gt;" in html
     assert "&lt;img src=x onerror=alert(3)&gt;.dns.test" in html
     assert "&#34;&gt;&lt;svg onload=alert(1)&gt;" in html
-    parser = _Tags()
-    parser.feed(html)
-    policy = next(a["content"] for _, a in parser.tags if a.get("http-equiv"))
-    assert policy.startswith("default-src 'none'; img-src data:; style-src 'sha256-")
-    markdown = (replayed_report.parent / "report.md").read_text(encoding="utf-8")
+    for page in [*pages, replayed_report]:
+        parser = _Tags()
+        parser.feed(page.read_text(encoding="utf-8"))
+        policy = next(a["content"] for _, a in parser.tags if a.get("http-equiv"))
+        assert policy.startswith("default-src 'none'; img-src data:; style-src 'sha256-")
+    markdown = "".join(p.read_text(encoding="utf-8") for p in root.rglob("report.md"))
     assert "<script" not in markdown and "<svg" not in markdown and "<img" not in markdown
-    with (replayed_report.parent / "endpoints.csv").open(newline="", encoding="utf-8") as fh:
-        cells = [cell for row in csv.reader(fh) for cell in row]
+    cells = []
+    for table in root.rglob("endpoints.csv"):
+        with table.open(newline="", encoding="utf-8") as fh:
+            cells += [cell for row in csv.reader(fh) for cell in row]
     assert "'" + REPLAYED["formula"] in cells and REPLAYED["formula"] not in cells
     assert not any(cell.startswith(("=", "+", "-", "@", "\t", "\r")) for cell in cells)
 
@@ -466,25 +482,51 @@ def _observer(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_report_command_uses_findings_json_and_its_time_zone(tmp_path):
+def test_report_command_uses_fresh_findings_and_never_stale_ones(tmp_path):
     records = synthetic_records(days=3, browsing_per_day=5)
     rdir = tmp_path / "records"
     for table, df in records.items():
         write_table(rdir, table, df)
     findings = synthetic_findings(records)
+    findings["records"] = asdict(records_stamp(rdir))
+    findings["findings"][0]["summary"] = "A sentence only the stored findings hold."
     (rdir / "findings.json").write_text(json.dumps(findings))
     result = _observer("report", str(rdir), "-o", str(tmp_path / "out"))
     assert result.returncode == 0, result.stderr
     html_path = Path(result.stdout.strip())
     assert html_path == tmp_path / "out" / "report.html"
     html = html_path.read_text(encoding="utf-8")
+    # The stored findings were used: their zone and their own sentence.
     assert "times in Europe/Berlin" in html and "Google Drive backup (Google)" in html
+    assert findings["findings"][0]["summary"] in html
+    assert findings["records"]["fingerprint"] in html
     assert {p.name for p in html_path.parent.iterdir()} == {
         "report.html",
         "report.md",
         "findings.json",
         "endpoints.csv",
     }
+    # New records arrive after the analysis: the stored findings no longer describe them.
+    more = synthetic_records(days=1, browsing_per_day=1)["connections"].assign(
+        conn_id=lambda c: "late-" + c["conn_id"])
+    write_table(rdir, "connections", more)
+    result = _observer("report", str(rdir), "-o", str(tmp_path / "again"))
+    assert result.returncode == 0, result.stderr
+    assert "analysing again (the records changed" in result.stderr
+    html = (tmp_path / "again" / "report.html").read_text(encoding="utf-8")
+    assert findings["findings"][0]["summary"] not in html
+    # The lab's time zone (a setting, not a result) carries over to the new analysis.
+    assert "times in Europe/Berlin" in html and "no time zone was configured" not in html
+    saved = json.loads((tmp_path / "again" / "findings.json").read_text())
+    assert saved["records"] == asdict(records_stamp(rdir)) != findings["records"]
+
+
+def test_report_command_refuses_empty_records(tmp_path):
+    (tmp_path / "records").mkdir()
+    result = _observer("report", str(tmp_path / "records"), "-o", str(tmp_path / "out"))
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "no connection records, nothing to report" in result.stderr
+    assert result.stderr.strip().count("\n") == 0 and not (tmp_path / "out").exists()
 
 
 def test_report_command_errors_are_one_line(tmp_path):
@@ -500,7 +542,7 @@ def test_report_command_errors_are_one_line(tmp_path):
 
 
 def test_empty_records_say_nothing_was_observed(tmp_path):
-    page = write_report({}, {"findings": []}, LabConfig(), tmp_path)
+    page = write_report({}, {"findings": []}, tmp_path)
     html = page.read_text(encoding="utf-8")
     assert "No connection records: nothing was observed" in html
     assert "No session records, so coverage is unknown." in html
@@ -508,8 +550,6 @@ def test_empty_records_say_nothing_was_observed(tmp_path):
 
 
 def test_app_findings_name_the_app_and_carry_the_evidence_note():
-    from observer.report.text import verdict_sentence
-
     finding = {
         "group": "WhatsApp", "group_kind": "app", "names": ["sync.example.net"],
         "verdict": "periodic bulk upload", "period_s": 86400.0, "phase_local": "02:00",
@@ -519,5 +559,113 @@ def test_app_findings_name_the_app_and_carry_the_evidence_note():
     sentence = verdict_sentence(finding, "Europe/Berlin")
     assert sentence.startswith("The app WhatsApp uploaded about 30.0 MB to sync.example.net")
     assert sentence.endswith("Events come from connection totals.")
-    finding.update(group_kind="service", service="Acme", evidence_note=None)
+    finding.update(group_kind="service", label="Acme", evidence_note=None)
     assert verdict_sentence(finding, "UTC").startswith("The phone uploaded about 30.0 MB to Acme")
+
+
+# --- bounds, empty input, fleets -----------------------------------------------------------------
+
+
+def test_absurd_timestamps_are_left_out_and_the_report_stays_small(tmp_path):
+    records = synthetic_records(days=3, browsing_per_day=2)
+    findings = synthetic_findings(records)
+    conns = records["connections"]
+    absurd = [0.0, 1e10, 1.6e10, 1e15, -5e9]  # 1970, 2286, 2477, year ~31 million, 1811
+    bad = conns.head(len(absurd)).assign(
+        conn_id=[f"absurd-{i}" for i in range(len(absurd))], ts_start=absurd,
+        ts_end=[t + 60 for t in absurd], bytes_up=5_000_000)
+    records["connections"] = conform("connections", pd.concat([conns, bad], ignore_index=True))
+    bins = records["activity"].head(len(absurd)).assign(
+        conn_id=bad["conn_id"].to_numpy(), ts_bin=absurd)
+    records["activity"] = conform("activity", pd.concat([records["activity"], bins]))
+    findings["coverage"]["gaps"].append([1e15, 1e15 + 10])
+    t = datetime.now().timestamp()
+    page = write_report(records, findings, tmp_path)
+    assert datetime.now().timestamp() - t < 30
+    html = page.read_text(encoding="utf-8")
+    assert page.stat().st_size < 3_000_000
+    assert "5 connections with times outside 1990–2100" in html
+    assert "Jan 1970" not in html and "2286" not in html
+    # The bins themselves are bounded whatever the span the records claim.
+    flow = aggregate.traffic(records, labelled(records["connections"])["label"])
+    lo, hi = aggregate.SANE_WINDOW
+    tl = aggregate.timeline(flow, lo, hi, [])
+    assert len(tl.starts) <= aggregate.MAX_BINS + 2
+    heat = aggregate.heatmap(flow, ZoneInfo(TZ), lo, hi)
+    assert len(heat.days) <= aggregate.MAX_DAY_ROWS and heat.up.sum() == flow["bytes_up"].sum()
+
+
+def test_long_names_are_shortened_in_titles_and_kept_whole_in_tables(tmp_path):
+    long = "x" * 300 + ".example-analytics.net"
+    records = synthetic_records(days=7, browsing_per_day=2, names={"export": long})
+    findings = synthetic_findings(records, names={"export": long})
+    findings["findings"][1]["group"] = findings["findings"][1]["label"] = long
+    html = write_report(records, findings, tmp_path).read_text(encoding="utf-8")
+    headline = re.search(r'<p class="headline" id="headline">(.*?)</p>', html, re.S)[1]
+    assert long not in headline and "x" * 70 in headline and "…" in headline
+    titles = re.findall(r"<h3>(.*?)<", html)
+    assert all(len(t) <= 90 for t in titles)
+    assert long in html  # the endpoint table and the names list keep it whole
+    with (tmp_path / "endpoints.csv").open(newline="", encoding="utf-8") as fh:
+        assert long in {cell for row in csv.reader(fh) for cell in row}
+
+
+def test_fleet_report_has_an_index_a_report_per_device_and_one_summary(tmp_path):
+    one = synthetic_records(days=7, browsing_per_day=2)
+    two = {t: df.assign(device="../evil <b>phone</b>") if "device" in df.columns else df
+           for t, df in synthetic_records(days=7, browsing_per_day=2).items()}
+    # The second phone has no nightly export: drop its tracker connections and their bins.
+    gone = two["connections"]["conn_id"].str.startswith("export-")
+    two["connections"] = two["connections"][~gone]
+    two["activity"] = two["activity"][~two["activity"]["conn_id"].str.startswith("export-")]
+    rdir = tmp_path / "records"
+    for records in (one, two):
+        for table, df in records.items():
+            write_table(rdir, table, df.assign(conn_id="b-" + df["conn_id"])
+                        if records is two and "conn_id" in df.columns else df)
+    cfg = tmp_path / "lab.yaml"
+    cfg.write_text(f"timezone: {TZ}\n")
+    result = _observer("report", str(rdir), "-o", str(tmp_path / "out"), "--config", str(cfg))
+    assert result.returncode == 0, result.stderr
+    index = Path(result.stdout.strip())
+    assert index == tmp_path / "out" / "index.html"
+    fleet = json.loads((tmp_path / "out" / "fleet.json").read_text(encoding="utf-8"))
+    rows = {d["device"]: d for d in fleet["devices"]}
+    assert set(rows) == {"pixel-7", "../evil <b>phone</b>"}
+    assert fleet["records"] == asdict(records_stamp(rdir))
+    assert rows["pixel-7"]["answer"] == "export"
+    assert "tracker-example.com" in rows["pixel-7"]["largest_schedule"]["label"]
+    assert rows["../evil <b>phone</b>"]["answer"] != "export"
+    for row in rows.values():
+        page = tmp_path / "out" / row["report"]
+        assert page.is_file() and page.resolve().is_relative_to((tmp_path / "out").resolve())
+        assert 0 < row["coverage"]["covered_s"] <= row["coverage"]["span_s"]
+    html = index.read_text(encoding="utf-8")
+    assert "&lt;b&gt;phone&lt;/b&gt;" in html and "<b>phone" not in html
+    assert html.count("<tr class=") == 2 and 'href="pixel-7/report.html"' in html
+    assert "1 of 2 devices show a periodic bulk upload" in html
+    mine = (tmp_path / "out" / rows["pixel-7"]["report"]).read_text(encoding="utf-8")
+    assert "evil" not in mine  # each device's report is that device's only
+
+
+def test_csv_export_follows_rfc_4180_and_defuses_formulas(tmp_path):
+    from observer.cli import main
+
+    conns = synthetic_records(days=2, browsing_per_day=4)["connections"].head(6).copy()
+    tricky = ["two\r\nlines", "  leading spaces", 'a "quoted", name', "=1+1", " @SUM(A1)",
+              "plain.example.net"]
+    conns["server_name"] = tricky
+    rdir = tmp_path / "records"
+    write_table(rdir, "connections", conns)
+    out = tmp_path / "conns.csv"
+    assert main(["export", str(rdir), "--format", "csv", "-o", str(out)]) == 0
+    raw = out.read_bytes().decode("utf-8")
+    assert raw.count("\r\n") == len(conns) + 2  # header, rows, and the one inside a quoted cell
+    assert '"two\r\nlines"' in raw and '"  leading spaces"' in raw
+    assert '"a ""quoted"", name"' in raw and ",plain.example.net," in raw
+    with out.open(newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    names = sorted(r["server_name"] for r in rows)
+    assert names == sorted(["two\r\nlines", "  leading spaces", 'a "quoted", name', "'=1+1",
+                            "' @SUM(A1)", "plain.example.net"])
+    assert all(r["bytes_up"].lstrip("-").isdigit() for r in rows)

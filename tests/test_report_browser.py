@@ -18,6 +18,7 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from test_report import HOSTILE, REPLAYED, hostile_records, write_hostile_pcap
 from test_report_synthetic import TZ, synthetic_findings, synthetic_records
@@ -181,7 +182,7 @@ def browser(tmp_path):
 def report(tmp_path_factory) -> Path:
     records = synthetic_records(days=7)
     out = tmp_path_factory.mktemp("report")
-    return write_report(records, synthetic_findings(records), LabConfig(timezone=TZ), out)
+    return write_report(records, synthetic_findings(records), out)
 
 
 def test_report_renders_in_chromium_without_errors(browser, report):
@@ -231,9 +232,31 @@ def test_csp_violations_are_caught(browser, report, tmp_path):
     assert browser.evaluate("document.title") != "ran"
 
 
+def test_fleet_index_renders_and_links_each_device(browser, tmp_path):
+    from observer.analysis import Findings
+    from observer.report import write_fleet
+
+    one = synthetic_records(days=3)
+    hostile = '"><script>alert(1)</script>'
+    two = {t: df.assign(device=hostile, **({"conn_id": "b-" + df["conn_id"]}
+                                            if "conn_id" in df.columns else {}))
+           for t, df in synthetic_records(days=3).items()}
+    records = {t: pd.concat([one[t], two[t]], ignore_index=True) for t in one}
+    findings = Findings.from_dict(synthetic_findings(one))
+    index = write_fleet(records, findings, tmp_path / "fleet")
+    browser.load(index)
+    assert browser.problems() == []
+    links = browser.evaluate("[...document.querySelectorAll('#devices a')].map(a => a.textContent)")
+    assert links == [hostile, "pixel-7"]
+    assert browser.evaluate("document.scripts.length") == 0
+    for href in browser.evaluate("[...document.querySelectorAll('#devices a')]"
+                                 ".map(a => a.getAttribute('href'))"):
+        assert (tmp_path / "fleet" / href).is_file() and "<" not in href and ".." not in href
+
+
 def test_hostile_report_runs_nothing_and_shows_names_as_text(browser, tmp_path):
     records, findings = hostile_records()
-    page = write_report(records, findings, LabConfig(timezone=TZ), tmp_path / "hostile")
+    page = write_report(records, findings, tmp_path / "hostile")
     browser.load(page)
     assert browser.problems() == []
     assert browser.evaluate("document.title") == "Timing report: pixel-7"
@@ -247,14 +270,14 @@ def test_hostile_report_runs_nothing_and_shows_names_as_text(browser, tmp_path):
 def test_replayed_hostile_capture_report_is_clean_in_chromium(browser, tmp_path):
     """Names from a real pcap (DNS, SNI, Host) through replay and analysis, shown as text."""
     pytest.importorskip("observer.sources.pipeline")
-    from observer.analysis import analyze_records
+    from observer.analysis import analyze
     from observer.catalog import load_catalog
     from observer.sources import replay_tables
 
     config = LabConfig(timezone=TZ)
     records = replay_tables([write_hostile_pcap(tmp_path / "h.pcap")], config=config)
-    findings = analyze_records(records, config, load_catalog(config.catalogs))
-    page = write_report(records, findings, config, tmp_path / "report")
+    findings = analyze(records, config, load_catalog(config.catalogs))
+    page = write_report(records, findings, tmp_path / "report")
     browser.load(page)
     assert browser.problems() == []
     names = browser.evaluate(

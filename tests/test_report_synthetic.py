@@ -7,13 +7,18 @@ capture sessions with one gap.  Used until a full simulate -> replay -> analyze 
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from datetime import datetime
 from zoneinfo import ZoneInfo
 
 import numpy as np
 import pandas as pd
 
+from observer.analysis.findings import endpoint_labels
+from observer.analysis.groups import endpoint_groups
+from observer.catalog import Catalog
 from observer.records import conform
+from observer.words import verdict_sentence
 
 TZ = "Europe/Berlin"
 T0 = datetime(2026, 11, 2, 0, 0, tzinfo=ZoneInfo(TZ)).timestamp()
@@ -205,8 +210,11 @@ def synthetic_findings(
         ]
 
     days = round(float(conns["ts_end"].max() - T0) / 86400)
-    return {
-        "schema_version": 1,
+    findings = {
+        "schema_version": 2,
+        "timezone_configured": True,
+        # The analysis's own labels of every endpoint, as analyze would store them.
+        "labels": [asdict(x) for x in endpoint_labels(conns, endpoint_groups(conns, Catalog()))],
         "generated_at": T0 + days * 86400,
         "timezone": TZ,
         "parameters": {
@@ -241,7 +249,7 @@ def synthetic_findings(
                 "p_value": 0.0004,
                 "p_value_raw": 0.00001,
                 "confidence": "high",
-                "summary": "Nightly chat backup to Google Drive at about 02:00.",
+                "summary": "",
                 "connections": days - 1,
                 "bytes_up": 0,
                 "bytes_down": 0,
@@ -301,6 +309,9 @@ def synthetic_findings(
             },
         ],
     }
+    for finding in findings["findings"]:  # the sentence the analysis would store
+        finding["summary"] = verdict_sentence(finding, TZ)
+    return findings
 
 
 def test_synthetic_records_follow_the_schema_and_hold_the_nightly_uploads():

@@ -21,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import time
 
-    from observer.analysis import analyze_records, write_findings
+    from observer.analysis import analyze, records_stamp, write_findings
     from observer.catalog import load_catalog
     from observer.records import read_records
     from observer.report import write_report
@@ -49,12 +49,13 @@ def run(args: argparse.Namespace) -> int:
     stats = replay([pcap], records_dir, config=config, overwrite=True)
     print(f"[demo]   {time.monotonic() - t:.1f} s; {stats.summary()}")
     t = step("analysing")
+    stamp = records_stamp(records_dir)
     records = read_records(records_dir)
-    findings = analyze_records(records, config, load_catalog(config.catalogs))
+    findings = analyze(records, config, load_catalog(config.catalogs), source=stamp)
     findings_path = write_findings(findings, records_dir / "findings.json")
     print(f"[demo]   {time.monotonic() - t:.1f} s; findings in {findings_path}")
     t = step(f"writing the report -> {report_dir}")
-    report = write_report(records, findings, config, report_dir)
+    report = write_report(records, findings, report_dir)
     print(f"[demo]   {time.monotonic() - t:.1f} s")
     print(f"\nReport: {report.resolve()}")
     return 0

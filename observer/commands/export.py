@@ -1,8 +1,9 @@
 """Write records as a Zeek-style conn.log (for RITA or any Zeek tooling) or as CSV.
 
 The conn.log carries Zeek's full header; fields our records do not know (history, missed_bytes,
-local_orig/local_resp, tunnel_parents) are written unset ('-').  CSV cells that a spreadsheet would
-run as a formula (starting with = + - @ tab or CR) are prefixed with a quote.
+local_orig/local_resp, tunnel_parents) are written unset ('-').  CSV follows RFC 4180 (CRLF, fields
+with commas, quotes, line breaks or edge spaces quoted); cells that a spreadsheet would run as a
+formula (starting with = + - @ tab or CR) are prefixed with a quote.
 """
 
 from __future__ import annotations

@@ -6,19 +6,26 @@ numbers (services x hours, days x 24, endpoints), so the report stays fast at an
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from zoneinfo import ZoneInfo
 
 import numpy as np
 import pandas as pd
 
-from observer.catalog import Catalog
+from observer.records.findings import EndpointLabel
 
-UNNAMED = "unnamed addresses"
+UNLABELLED = "not analysed"  # connections the findings do not label (records newer than them)
 OTHER = "all other"
 BIN_CHOICES = (3600.0, 7200.0, 10800.0, 21600.0, 43200.0, 86400.0)
 MAX_BINS = 400
+MAX_DAY_ROWS = 92  # heatmap rows; a longer span puts several days in a row
+# Instants a report can draw: a record outside (a clock at 1970, a corrupt 2500) is left out and
+# counted, so no span, bin count or date conversion is ever unbounded.
+SANE_WINDOW = (631_152_000.0, 4_102_444_800.0)  # 1990-01-01 .. 2100-01-01 UTC
 MAX_SERVICES = 6  # lines in the timeline; the rest are summed as OTHER
+MAX_FINDING_SERIES = 16  # a finding's own series is never summed into OTHER, up to this many
 TOP_ENDPOINTS = 30  # rows of the HTML table; the CSV has them all
 _QUARTER = 900.0  # UTC bucket that maps exactly onto local hours in every time zone
 
@@ -38,8 +45,9 @@ class Timeline:
 class Heatmap:
     """Upload bytes per local day (rows) and local hour of day (columns)."""
 
-    days: list[pd.Timestamp]
-    up: np.ndarray  # shape (days, 24)
+    days: list[pd.Timestamp]  # the first local day of each row
+    up: np.ndarray  # shape (rows, 24)
+    days_per_row: int = 1
 
 
 @dataclass
@@ -57,44 +65,52 @@ class Coverage:
     inferred: bool = False  # lanes come from the analysis's coverage, not from session records
 
 
-def _base_domain(name: str) -> str:
-    labels = name.strip().lower().rstrip(".").split(".")
-    return ".".join(labels[-2:]) if len(labels) > 2 else ".".join(labels)
+def sane(ts: np.ndarray) -> np.ndarray:
+    """Which instants lie inside the window a report can draw (NaN never does)."""
+    lo, hi = SANE_WINDOW
+    return np.isfinite(ts) & (ts >= lo) & (ts <= hi)
 
 
-def label_connections(conns: pd.DataFrame, catalog: Catalog) -> pd.DataFrame:
-    """Service and organization of each connection, looked up once per distinct (name, address)."""
-    names = conns["server_name"].fillna("")
-    ips = conns["server_ip"].fillna("")
-    codes, uniques = pd.factorize(names + "\x00" + ips)
-    services, orgs = [], []
-    for key in uniques:
-        name, ip = key.split("\x00", 1)
-        hit = catalog.match(name or None, ip or None)
-        if hit is not None:
-            services.append(hit.service)
-            orgs.append(hit.organization)
-        elif name:
-            services.append(_base_domain(name))
-            orgs.append("")
-        else:
-            services.append(UNNAMED)
-            orgs.append("")
-    service = pd.Categorical(services)
+def _sane_or_nan(series: pd.Series) -> np.ndarray:
+    ts = series.to_numpy(dtype="float64", na_value=np.nan)
+    return np.where(sane(ts), ts, np.nan)
+
+
+def label_connections(conns: pd.DataFrame, labels: Iterable[EndpointLabel]) -> pd.DataFrame:
+    """Each connection's label, service and organization as the analysis decided them.
+
+    A join on (device, server name, address) with the findings' label table: the report never
+    decides a label itself, so every series carries the name its finding has.
+    """
+    keys = ["device", "server_name", "server_ip"]
+    table = pd.DataFrame(
+        [(x.device, x.server_name, x.server_ip, x.label, x.service, x.organization)
+         for x in labels],
+        columns=[*keys, "label", "service", "organization"],
+    )
+    table[keys] = table[keys].fillna("").astype(str)
+    table = table.drop_duplicates(keys)
+    left = pd.DataFrame({
+        "device": conns["device"].fillna("unknown").astype(str).to_numpy(),
+        "server_name": conns["server_name"].fillna("").astype(str).to_numpy(),
+        "server_ip": conns["server_ip"].fillna("").astype(str).to_numpy(),
+    })
+    joined = left.merge(table, on=keys, how="left")
     return pd.DataFrame(
         {
             # Categorical: the month-long tables below group millions of bins by these codes.
-            "service": pd.Categorical.from_codes(service.codes[codes], service.categories)
-            if len(codes)
-            else pd.Categorical([]),
-            "organization": np.asarray(orgs, dtype=object)[codes] if len(codes) else [],
+            "label": pd.Categorical(joined["label"].fillna(UNLABELLED).to_numpy()),
+            "organization": joined["organization"].fillna("").to_numpy(dtype=object),
         },
         index=conns.index,
     )
 
 
 def traffic(records: dict[str, pd.DataFrame], service: pd.Series) -> pd.DataFrame:
-    """(service, ts, bytes_up, bytes_down) from activity bins, and from connections without bins."""
+    """(service, ts, bytes_up, bytes_down) from activity bins, and from connections without bins.
+
+    ``service`` is each connection's label; rows at instants outside ``SANE_WINDOW`` are dropped.
+    """
     conns = records["connections"]
     activity = records.get("activity")
     service = service.astype("category")
@@ -142,17 +158,19 @@ def traffic(records: dict[str, pd.DataFrame], service: pd.Series) -> pd.DataFram
         )
     )
     out = pd.concat(parts, ignore_index=True)
-    return out[np.isfinite(out["ts"])]
+    return out[sane(out["ts"].to_numpy())]
 
 
 def timeline(flow: pd.DataFrame, t0: float, t1: float, keep: list[str]) -> Timeline:
     """Bins of whole hours for the ``keep`` services, the rest summed as OTHER.
 
-    Hourly up to about two weeks; longer captures get wider bins so the plot keeps at most
-    ``MAX_BINS`` columns (a bin per pixel or two, and an SVG that stays small).
+    Hourly up to about two weeks; longer captures get wider bins (whole days beyond
+    ``BIN_CHOICES``) so the plot keeps at most ``MAX_BINS`` columns whatever the span.
     """
     span = max(t1 - t0, 1.0)
-    bin_s = next((b for b in BIN_CHOICES if span / b <= MAX_BINS), BIN_CHOICES[-1])
+    bin_s = next((b for b in BIN_CHOICES if span / b <= MAX_BINS), None)
+    if bin_s is None:
+        bin_s = math.ceil(span / MAX_BINS / 86400.0) * 86400.0
     start = np.floor(t0 / bin_s) * bin_s
     n = int(np.ceil((t1 - start) / bin_s)) + 1
     services = list(keep)
@@ -171,25 +189,32 @@ def timeline(flow: pd.DataFrame, t0: float, t1: float, keep: list[str]) -> Timel
 
 
 def heatmap(flow: pd.DataFrame, tz: ZoneInfo, t0: float, t1: float) -> Heatmap:
-    """Sum uploads into UTC quarter hours, then place each quarter in its local day and hour."""
+    """Sum uploads into UTC quarter hours, then place each quarter in its local day and hour.
+
+    At most ``MAX_DAY_ROWS`` rows: a longer span sums several consecutive days per row.
+    """
     quarter = (flow["ts"].to_numpy() // _QUARTER).astype("int64")
     sums = pd.Series(flow["bytes_up"].to_numpy(dtype="float64")).groupby(quarter).sum()
     first = pd.Timestamp(t0, unit="s", tz="UTC").tz_convert(tz).normalize().tz_localize(None)
     last = pd.Timestamp(t1, unit="s", tz="UTC").tz_convert(tz).normalize().tz_localize(None)
-    days = list(pd.date_range(first, last, freq="D"))
+    n_days = (last - first) // pd.Timedelta(days=1) + 1
+    per_row = max(1, math.ceil(n_days / MAX_DAY_ROWS))
+    days = list(pd.date_range(first, last, freq=f"{per_row}D"))
     up = np.zeros((len(days), 24))
     if len(sums):
         local = pd.to_datetime(sums.index.to_numpy() * _QUARTER, unit="s", utc=True).tz_convert(tz)
         day = ((local.tz_localize(None).normalize() - first) // pd.Timedelta(days=1)).to_numpy()
-        inside = (day >= 0) & (day < len(days))
-        np.add.at(up, (day[inside], local.hour.to_numpy()[inside]), sums.to_numpy()[inside])
-    return Heatmap(days, up)
+        row = day // per_row
+        inside = (day >= 0) & (row < len(days))
+        np.add.at(up, (row[inside], local.hour.to_numpy()[inside]), sums.to_numpy()[inside])
+    return Heatmap(days, up, per_row)
 
 
 def top_services(flow: pd.DataFrame, must: list[str]) -> list[str]:
-    """The services moving the most bytes up, plus any a finding is about."""
+    """Every label a notable finding is about (up to ``MAX_FINDING_SERIES``), then the labels
+    moving the most bytes up until there are ``MAX_SERVICES`` series."""
     totals = flow.groupby("service", observed=True)["bytes_up"].sum().sort_values(ascending=False)
-    keep = [s for s in must if s in totals.index][:MAX_SERVICES]
+    keep = list(dict.fromkeys(s for s in must if s in totals.index))[:MAX_FINDING_SERIES]
     for service in totals.index:
         if len(keep) >= MAX_SERVICES:
             break
@@ -214,13 +239,13 @@ def endpoints(conns: pd.DataFrame, labels: pd.DataFrame) -> pd.DataFrame:
         {
             "name": conns["server_name"].where(named, conns["server_ip"]).fillna("(no address)"),
             "named": named,
-            "service": labels["service"],
+            "service": labels["label"],
             "organization": labels["organization"],
             "server_ip": conns["server_ip"],
             "bytes_up": conns["bytes_up"].fillna(0).astype("int64"),
             "bytes_down": conns["bytes_down"].fillna(0).astype("int64"),
-            "ts_start": conns["ts_start"],
-            "ts_end": conns["ts_end"].fillna(conns["ts_start"]),
+            "ts_start": _sane_or_nan(conns["ts_start"]),
+            "ts_end": _sane_or_nan(conns["ts_end"].fillna(conns["ts_start"])),
         }
     )
     grouped = frame.groupby(["name", "named"], sort=False, dropna=False)
@@ -237,79 +262,59 @@ def endpoints(conns: pd.DataFrame, labels: pd.DataFrame) -> pd.DataFrame:
     return out.sort_values(["bytes_up", "bytes_down"], ascending=False, ignore_index=True)
 
 
-def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    merged: list[tuple[float, float]] = []
-    for a, b in sorted(intervals):
-        if merged and a <= merged[-1][1]:
-            merged[-1] = (merged[-1][0], max(merged[-1][1], b))
-        else:
-            merged.append((a, b))
-    return merged
-
-
-def coverage(sessions: pd.DataFrame, t0: float, t1: float, min_gap_s: float = 300.0) -> Coverage:
-    """Recording lanes from session records; gaps are stretches no session covered."""
+def _lanes(sessions: pd.DataFrame) -> tuple[dict[str, list[tuple[float, float]]], list[dict]]:
+    """The recording sessions as the records list them, one lane per source and interface."""
     rows = sessions.dropna(subset=["ts_start"]) if not sessions.empty else sessions
-    if rows.empty:
-        return Coverage(t0, t1, {}, [], 0.0, known=False)
-    ends = rows["ts_end"].fillna(t1).to_numpy(dtype="float64")
-    starts = rows["ts_start"].to_numpy(dtype="float64")
-    lo, hi = min(t0, float(starts.min())), max(t1, float(ends.max()))
+    rows = rows[sane(rows["ts_start"].to_numpy(dtype="float64"))] if len(rows) else rows
     lanes: dict[str, list[tuple[float, float]]] = {}
     listing = []
-    for (_, row), a, b in zip(rows.iterrows(), starts, ends, strict=True):
-        lane = (
-            " · ".join(str(v) for v in (row["source"], row["interface"]) if pd.notna(v))
-            or "capture"
-        )
-        lanes.setdefault(lane, []).append((float(a), float(b)))
-        listing.append(
-            {
-                "lane": lane,
-                "ts_start": float(a),
-                "ts_end": float(b),
-                "captured": None
-                if pd.isna(row["packets_captured"])
-                else int(row["packets_captured"]),
-                "dropped": None if pd.isna(row["packets_dropped"]) else int(row["packets_dropped"]),
-                "note": None if pd.isna(row["note"]) else str(row["note"]),
-            }
-        )
-    covered = _union([iv for ivs in lanes.values() for iv in ivs])
-    gaps = []
-    cursor = lo
-    for a, b in covered:
-        if a - cursor >= min_gap_s:
-            gaps.append((cursor, a))
-        cursor = max(cursor, b)
-    if hi - cursor >= min_gap_s:
-        gaps.append((cursor, hi))
-    dropped = int(rows["packets_dropped"].fillna(0).sum())
+    for row in rows.itertuples(index=False):
+        a = float(row.ts_start)
+        b = a if pd.isna(row.ts_end) or not sane(np.array([row.ts_end]))[0] else float(row.ts_end)
+        lane = " · ".join(str(v) for v in (row.source, row.interface) if pd.notna(v)) or "capture"
+        lanes.setdefault(lane, []).append((a, b))
+        listing.append({
+            "lane": lane, "ts_start": a, "ts_end": b,
+            "captured": None if pd.isna(row.packets_captured) else int(row.packets_captured),
+            "dropped": None if pd.isna(row.packets_dropped) else int(row.packets_dropped),
+            "note": None if pd.isna(row.note) else str(row.note),
+        })
     listing.sort(key=lambda s: s["ts_start"])
-    return Coverage(lo, hi, lanes, gaps, sum(b - a for a, b in covered), True, dropped, listing)
+    return lanes, listing
 
 
-def coverage_from_findings(raw: dict, t0: float, t1: float) -> Coverage | None:
-    """Without session records, the analysis's own coverage (start, end, gaps) is the next best."""
+def coverage(found: dict, sessions: pd.DataFrame, t0: float, t1: float) -> Coverage:
+    """Covered time and gaps as the analysis decided them; session records only draw the lanes.
+
+    Without session records the lane is the analysis's own coverage, labelled as inferred.
+    """
+    lo, hi = SANE_WINDOW
     try:
-        lo, hi = float(raw["ts_start"]), float(raw["ts_end"])
-        gaps = sorted((float(a), float(b)) for a, b in raw.get("gaps") or [])
+        start = min(max(float(found["ts_start"]), lo), hi)
+        end = min(max(float(found["ts_end"]), start), hi)
+        covered = float(found.get("covered_s") or 0.0)
+        gaps = sorted((max(float(a), start), min(float(b), end))
+                      for a, b in found.get("gaps") or [] if float(b) > start and float(a) < end)
     except (KeyError, TypeError, ValueError):
-        return None
-    lane, cursor = [], lo
-    for a, b in gaps:
-        if a > cursor:
-            lane.append((cursor, a))
-        cursor = max(cursor, b)
-    if hi > cursor:
-        lane.append((cursor, hi))
-    covered = sum(b - a for a, b in lane)
-    lo, hi = min(lo, t0), max(hi, t1)
-    return Coverage(lo, hi, {"records": lane}, gaps, covered, True, inferred=True)
+        return Coverage(t0, t1, {}, [], 0.0, known=False)
+    lanes, listing = _lanes(sessions)
+    dropped = sum(s["dropped"] or 0 for s in listing)
+    inferred = not lanes
+    if inferred:
+        lane, cursor = [], start
+        for a, b in gaps:
+            if a > cursor:
+                lane.append((cursor, a))
+            cursor = max(cursor, b)
+        if end > cursor:
+            lane.append((cursor, end))
+        lanes = {"records": lane}
+    return Coverage(min(start, t0), max(end, t1), lanes, gaps, covered, True, dropped, listing,
+                    inferred)
 
 
 def span(records: dict[str, pd.DataFrame]) -> tuple[float, float] | None:
-    """First and last moment any record speaks of."""
+    """First and last moment any record speaks of, inside ``SANE_WINDOW``."""
     lows, highs = [], []
     for table, lo_col, hi_col in (
         ("connections", "ts_start", "ts_end"),
@@ -321,11 +326,13 @@ def span(records: dict[str, pd.DataFrame]) -> tuple[float, float] | None:
         df = records.get(table)
         if df is None or df.empty:
             continue
-        lo, hi = df[lo_col].min(), df[hi_col].max()
-        if pd.notna(lo):
-            lows.append(float(lo))
-        if pd.notna(hi):
-            highs.append(float(hi))
+        lo_ts = df[lo_col].to_numpy(dtype="float64", na_value=np.nan)
+        hi_ts = df[hi_col].to_numpy(dtype="float64", na_value=np.nan)
+        lo_ts, hi_ts = lo_ts[sane(lo_ts)], hi_ts[sane(hi_ts)]
+        if len(lo_ts):
+            lows.append(float(lo_ts.min()))
+        if len(hi_ts):
+            highs.append(float(hi_ts.max()))
     if not lows:
         return None
     return min(lows), max(highs or lows)

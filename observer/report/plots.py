@@ -149,8 +149,10 @@ def heatmap_svg(hm: Heatmap, tz_name: str) -> str:
         ax.set_xticks(np.arange(0, 24, 2) + 0.5, [f"{h:02d}:00" for h in range(0, 24, 2)])
         step = max(1, math.ceil(rows / 40))
         ticks = np.arange(0, rows, step)
-        ax.set_yticks(ticks + 0.5, [f"{hm.days[i]:%a %d %b}" for i in ticks])
-        ax.set_xlabel(f"local hour of day ({tz_name})")
+        fmt = "%a %d %b" if hm.days_per_row == 1 else "%d %b %Y"
+        ax.set_yticks(ticks + 0.5, [f"{hm.days[i]:{fmt}}" for i in ticks])
+        rows_are = "" if hm.days_per_row == 1 else f"; each row {hm.days_per_row} days"
+        ax.set_xlabel(f"local hour of day ({tz_name}){rows_are}")
         ax.tick_params(length=0)
         for side in ("left", "bottom"):
             ax.spines[side].set_visible(False)
@@ -195,7 +197,8 @@ def clock_svg(events: list[dict], tz: ZoneInfo, phase_local: str | None, colour:
                         zorder=3,
                     )
             ax.set_ylim(0, radius.max() + 0.8)
-            ring = 1 if radius.max() <= 10 else 7  # a ring per day, or per week for long captures
+            # A ring per day, per week for long captures; never more than about 30 rings.
+            ring = 1 if radius.max() <= 10 else max(7, math.ceil(radius.max() / 30))
             ax.set_yticks(np.arange(1, radius.max() + 1, ring), [])
         # "02:03", or "Wed 04:10" for a weekly finding: the clock shows the time of day.
         clock = re.search(r"(\d{1,2}):(\d{2})", phase_local or "")
@@ -214,6 +217,9 @@ def clock_svg(events: list[dict], tz: ZoneInfo, phase_local: str | None, colour:
         return svg_uri(fig)
 
 
+MAX_GAPS_DRAWN = 500  # beyond this the shading is a solid band anyway
+
+
 def coverage_svg(cov: Coverage, tz: ZoneInfo) -> str:
     """One bar per recording lane; stretches nothing recorded are shaded."""
     with style():
@@ -225,7 +231,7 @@ def coverage_svg(cov: Coverage, tz: ZoneInfo) -> str:
             spans = cov.lanes.get(lane, [])
             bars = [(mdates.date2num(_local([a], tz)[0]), (b - a) / 86400) for a, b in spans]
             ax.broken_barh(bars, (i - 0.3, 0.6), color=PALETTE[0])
-        for a, b in cov.gaps:
+        for a, b in cov.gaps[:MAX_GAPS_DRAWN]:
             ax.axvspan(
                 _local([a], tz)[0],
                 _local([b], tz)[0],
