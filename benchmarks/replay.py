@@ -6,6 +6,11 @@ separate processes:
 
 - ours: ``observer.sources.replay`` (read, track, name, write the Parquet records);
 - tshark: ``tshark -q -n -z conv,tcp -z conv,udp`` (conversation tables, nothing written);
+- nfstream 6.6 (a C engine with nDPI; not a project dependency): ``NFStreamer`` with one meter
+  process and idle/active timeouts of 10^9 s, so that its flows are our connections (with its
+  default 120 s idle timeout it splits long-lived quiet connections); flows counted, nothing
+  written.  It runs under ``--nfstream-python`` (default: this Python if it imports nfstream),
+  e.g. a separate venv: ``python3 -m venv /tmp/nf && /tmp/nf/bin/pip install nfstream==6.6.0``;
 - scapy: a ``PcapReader`` loop that pulls the same header fields into a dict per 5-tuple; it is
   stopped after ``--scapy-seconds`` of CPU and its rate extrapolated to the file (said so below).
 
@@ -16,8 +21,12 @@ them.  Peak RSS is each process's own maximum resident set.  Medians of ``--runs
 
     .venv/bin/python benchmarks/replay.py [--sizes 200000 2000000 20000000] [--runs 3]
         [--scapy-seconds 20] [--tshark-max 2000000] [--keep] [--only-ours]
+        [--nfstream-python PYTHON]
 
 ``--only-ours`` runs only our reader (speed and peak RSS; the peers' columns are left out).
+Beside each file up to ``--tunnel-max`` packets, ours also reads the same packets wrapped in VXLAN
+(every packet decapsulated: the outer UDP flows and the inner connections), so the cost of
+decapsulation shows next to the plain rate.
 
 tshark keeps ~600 bytes per packet (docs/performance.md), so by default it is not run on files
 above ``--tshark-max`` packets (the 20M file would need ~12 GB on a shared machine).
@@ -30,6 +39,7 @@ import json
 import os
 import shutil
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -49,6 +59,18 @@ start = time.process_time()
 stats = replay([Path(sys.argv[1])], Path(sys.argv[2]), overwrite=True, progress=False)
 print(json.dumps({"packets": stats.packets, "connections": stats.connections,
                   "errors": stats.errors, "inner": time.process_time() - start}))
+"""
+
+NFSTREAM = """
+import json, sys, time
+from nfstream import NFStreamer
+start = time.process_time()
+flows = packets = 0
+for flow in NFStreamer(source=sys.argv[1], idle_timeout=10**9, active_timeout=10**9, n_meters=1,
+                       statistical_analysis=False):
+    flows += 1
+    packets += flow.bidirectional_packets
+print(json.dumps({"flows": flows, "packets": packets, "inner": time.process_time() - start}))
 """
 
 SCAPY = """
@@ -122,6 +144,39 @@ def build(packets: int, source: Path) -> Path:
     return path
 
 
+def tunnelled(path: Path) -> Path:
+    """The same packets, each inside VXLAN (outer Ethernet, IPv4, UDP 4789, VXLAN: 50 bytes more):
+    what a cloud VPC mirror delivers (cached)."""
+    out = path.with_name(path.stem + "-vxlan.pcap")
+    if out.exists():
+        return out
+    outer = bytes.fromhex("020000000002020000000001" "0800")  # Ethernet
+    with open(path, "rb") as src, open(out.with_suffix(".tmp"), "wb") as dst:
+        head = src.read(24)
+        order = "<" if head[:4] in (b"\xd4\xc3\xb2\xa1", b"\x4d\x3c\xb2\xa1") else ">"
+        dst.write(head)
+        rec = struct.Struct(order + "IIII")
+        while len(hdr := src.read(16)) == 16:
+            sec, frac, caplen, length = rec.unpack(hdr)
+            frame = src.read(caplen)
+            size = 20 + 8 + 8 + length
+            ip = struct.pack(">BBHHHBBH4s4s", 0x45, 0, size, 0, 0, 64, 17, 0,
+                             bytes((192, 0, 2, 1)), bytes((192, 0, 2, 2)))
+            udp = struct.pack(">HHHH", 49152 + (sec & 0xFFF), 4789, size - 20, 0)
+            dst.write(rec.pack(sec, frac, caplen + 50, length + 50) + outer + ip + udp
+                      + b"\x08\0\0\0\0\0\x07\0" + frame)
+    out.with_suffix(".tmp").rename(out)
+    return out
+
+
+def nfstream_python(choice: str | None) -> str | None:
+    """The Python that runs nfstream: ``choice``, else this one if it imports nfstream."""
+    if choice:
+        return choice
+    found = subprocess.run([PYTHON, "-c", "import nfstream"], capture_output=True)
+    return PYTHON if found.returncode == 0 else None
+
+
 def median(rows: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in rows)
 
@@ -133,9 +188,17 @@ def main() -> int:
     parser.add_argument("--scapy-seconds", type=float, default=20.0)
     parser.add_argument("--tshark-max", type=int, default=2_000_000)
     parser.add_argument("--keep", action="store_true", help="keep the large capture files")
+    parser.add_argument("--tunnel-max", type=int, default=2_000_000,
+                        help="also time the same packets inside VXLAN up to this many packets")
     parser.add_argument("--only-ours", action="store_true",
-                        help="run only our reader (no tshark, no scapy loop)")
+                        help="run only our reader (no tshark, no nfstream, no scapy loop)")
+    parser.add_argument("--nfstream-python", metavar="PYTHON",
+                        help="a Python with nfstream 6.6 installed (default: this one, if it has "
+                        "it; else nfstream is not run)")
     args = parser.parse_args()
+    nf_python = None if args.only_ours else nfstream_python(args.nfstream_python)
+    if nf_python is None and not args.only_ours:
+        print("nfstream not found: not run (see --nfstream-python)", flush=True)
     if not shutil.which("editcap"):
         raise SystemExit("editcap (part of tshark/wireshark-common) is needed to cut the files")
     tshark = shutil.which("tshark")
@@ -153,11 +216,22 @@ def main() -> int:
                 r.update(json.loads(r["out"]))
                 ours.append(r)
         packets = ours[0]["packets"]
+        tunnel = []
+        if size <= args.tunnel_max:
+            with tempfile.TemporaryDirectory() as tmp:
+                for _ in range(runs):
+                    tunnel.append(run([PYTHON, "-c", OURS, str(tunnelled(path)), tmp], env=env))
         shark = []
         if tshark and size <= args.tshark_max and not args.only_ours:
             for _ in range(runs):
                 shark.append(run([tshark, "-q", "-n", "-z", "conv,tcp", "-z", "conv,udp", "-r",
                                   str(path)], env=dict(os.environ, LC_ALL="C")))
+        nf = []
+        if nf_python:
+            for _ in range(runs):
+                r = run([nf_python, "-c", NFSTREAM, str(path)])
+                r.update(json.loads(r["out"]))
+                nf.append(r)
         scapy = {"packets": 0, "cpu": 0.0, "rss": 0.0}
         if not args.only_ours:
             scapy = run([PYTHON, "-c", SCAPY, str(path), str(args.scapy_seconds)], env=env)
@@ -167,9 +241,15 @@ def main() -> int:
             "ours_cpu": median(ours, "cpu"), "ours_wall": median(ours, "wall"),
             "ours_inner": median(ours, "inner"),
             "ours_rss": max(r["rss"] for r in ours), "ours_runs": len(ours),
+            "tunnel_cpu": median(tunnel, "cpu") if tunnel else None,
             "tshark_cpu": median(shark, "cpu") if shark else None,
             "tshark_wall": median(shark, "wall") if shark else None,
             "tshark_rss": max(r["rss"] for r in shark) if shark else None,
+            "nf_cpu": median(nf, "cpu") if nf else None,
+            "nf_wall": median(nf, "wall") if nf else None,
+            "nf_rss": max(r["rss"] for r in nf) if nf else None,
+            "nf_flows": nf[0]["flows"] if nf else None,
+            "nf_packets": nf[0]["packets"] if nf else None,
             "scapy_rate": scapy["packets"] / scapy["cpu"] if scapy["cpu"] else None,
             "scapy_prefix": scapy["packets"],
             "scapy_rss": scapy["rss"],
@@ -193,30 +273,40 @@ def rate(packets: int, seconds: float | None) -> str:
 
 def print_row(r: dict, **kw) -> None:
     print(f"{r['packets']:>11,} pkts {r['mb']:8.0f} MB | ours {r['ours_cpu']:.2f} cpu-s "
-          f"{r['ours_wall']:.2f} wall-s {r['ours_rss']:.0f} MB | tshark "
-          f"{r['tshark_cpu'] or 0:.2f} cpu-s {r['tshark_rss'] or 0:.0f} MB | scapy "
+          f"{r['ours_wall']:.2f} wall-s {r['ours_rss']:.0f} MB | in VXLAN "
+          f"{r['tunnel_cpu'] or 0:.2f} cpu-s | tshark "
+          f"{r['tshark_cpu'] or 0:.2f} cpu-s {r['tshark_rss'] or 0:.0f} MB | nfstream "
+          f"{r['nf_cpu'] or 0:.2f} cpu-s {r['nf_rss'] or 0:.0f} MB {r['nf_flows'] or 0:,} flows "
+          f"(ours {r['connections']:,}) | scapy "
           f"{r['scapy_rate'] or 0:,.0f}/s", **kw)
 
 
 def table(rows: list[dict]) -> str:
     head = ("| packets | MB | ours pkts/s (CPU) | ours MB/s | ours pkts/s in replay() "
-            "| ours wall s | ours peak RSS | "
+            "| ours wall s | ours peak RSS | nfstream pkts/s (CPU) | nfstream peak RSS "
+            "| nfstream flows / ours | "
             "tshark pkts/s (CPU) | tshark wall s | tshark peak RSS | scapy pkts/s (CPU, prefix) "
-            "| scapy peak RSS | ours / tshark | ours / scapy |")
-    lines = [head, "|" + "---|" * 14]
+            "| scapy peak RSS | ours / nfstream | ours / tshark | ours / scapy "
+            "| ours in VXLAN pkts/s (CPU) |")
+    lines = [head, "|" + "---|" * 19]
     for r in rows:
         ours_rate = r["packets"] / r["ours_cpu"]
         t_rate = r["packets"] / r["tshark_cpu"] if r["tshark_cpu"] else None
+        n_rate = r["packets"] / r["nf_cpu"] if r["nf_cpu"] else None
         lines.append(
             f"| {r['packets']:,} | {r['mb']:.0f} | {ours_rate:,.0f} | {r['mb'] / r['ours_cpu']:.0f}"
             f" | {r['packets'] / r['ours_inner']:,.0f} | {r['ours_wall']:.1f} | "
             f"{r['ours_rss']:.0f} MB | "
+            + (f"{n_rate:,.0f} | {r['nf_rss']:.0f} MB | {r['nf_flows']:,} / {r['connections']:,} | "
+               if n_rate else "not run | - | - | ")
             + (f"{t_rate:,.0f} | {r['tshark_wall']:.1f} | {r['tshark_rss']:.0f} MB | "
                if t_rate else "not run | - | - | ")
             + (f"{r['scapy_rate']:,.0f} ({r['scapy_prefix']:,} pkts) | {r['scapy_rss']:.0f} MB | "
                if r["scapy_rate"] else "not run | - | ")
-            + (f"{ours_rate / t_rate:.1f}x | " if t_rate else "- | ")
-            + (f"{ours_rate / r['scapy_rate']:.0f}x |" if r["scapy_rate"] else "- |"))
+            + (f"{ours_rate / n_rate:.2f}x | " if n_rate else "- | ")
+            + (f"{ours_rate / t_rate:.2f}x | " if t_rate else "- | ")
+            + (f"{ours_rate / r['scapy_rate']:.0f}x |" if r["scapy_rate"] else "- |")
+            + (f" {r['packets'] / r['tunnel_cpu']:,.0f} |" if r["tunnel_cpu"] else " - |"))
     return "\n".join(lines)
 
 
