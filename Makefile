@@ -1,6 +1,6 @@
 # Two commands do everything on a fresh machine:
 #   make demo   simulate a week of one phone, replay, analyse, and write the HTML report
-#   make test   run the test suite (installs tshark, tcpdump and chromium first when run as root)
+#   make test   run the test suite (installs tshark, tcpdump, chromium and wireguard-go first as root)
 # Python 3.12 is found through .python-version (pyenv) or as python3.12 on the PATH.
 
 VENV := .venv
