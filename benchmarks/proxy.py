@@ -1,27 +1,34 @@
 """What the telemetry addon costs mitmdump, side by side in one run, on three workloads.
 
     .venv/bin/python benchmarks/proxy.py [--rounds 5] [--connections 200] [--requests 2000]
-                                         [--upload-mb 200]
+        [--upload-mb 200] [--workloads new,keepalive,passthrough] [--script FILE ...]
 
 Everything runs on loopback: an upstream (HTTPS keep-alive server and a TCP sink) in its own
-process, mitmdump in regular mode with and without the addon (a fresh one per round and
-configuration, alternating), clients here.  The workloads:
+process, mitmdump in regular mode without a script and with each ``--script`` (default
+addons/telemetry.py; repeat it to compare versions side by side), a fresh mitmdump per round and
+configuration in rotating order, clients here.  Each mitmdump is warmed up first (its certificate
+for the host, the first records file).  The workloads:
   * new HTTPS connection per request (intercepted): CONNECT, TLS handshake with mitmproxy's
     certificate, one GET, close; the ClientHello is parsed once (by mitmproxy);
   * keep-alive HTTPS requests: GETs over 4 intercepted TLS connections;
   * passthrough bulk transfer: a 200 MB upload through a CONNECT tunnel to an ignored host.
-mitmdump's CPU seconds for each workload (steady on a shared machine) and the clients' rates
-are medians over rounds; cost = addon / plain - 1.  The addon's record of each passthrough
-upload is checked against the bytes sent.
+The measure is the CPU time of mitmdump's threads during each workload (the scheduler's
+nanosecond count: on a shared machine it moves far less than the clients' rates), median over
+rounds; cost = with script / without - 1 within each round (the configurations of a round ran
+within a minute of each other), its median over rounds, also in microseconds per item.  Rates
+are printed beside it.  The addon's record of each passthrough upload is checked against the
+bytes sent.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import re
+import shutil
 import socket
 import ssl
 import statistics
@@ -108,18 +115,23 @@ async def _serve() -> None:
 # --- mitmdump ------------------------------------------------------------------------------------
 
 class Mitmdump:
-    def __init__(self, tmp: Path, sink_port: int, addon: bool) -> None:
+    def __init__(self, tmp: Path, sink_port: int, script: Path | None) -> None:
         self.records = tmp / f"records-{time.monotonic_ns()}"
         self.ca = tmp / "conf" / "mitmproxy-ca-cert.pem"
         cmd = [str(MITMDUMP), "--listen-host", "127.0.0.1", "--listen-port", "0",
                "--set", f"confdir={tmp / 'conf'}", "--set", "flow_detail=0",
                "--set", "stream_large_bodies=1m", "--set", "ssl_insecure=true",
                "--set", f"ignore_hosts=^127\\.0\\.0\\.1:{sink_port}$"]
-        if addon:
-            cmd += ["-s", str(ROOT / "addons" / "telemetry.py"),
+        if script is not None:
+            cmd += ["-s", str(script),
                     "--set", f"observer_dir={self.records}", "--set", "observer_parquet=false"]
+        # The same hash seed and no address randomisation in every mitmdump: a process's CPU for
+        # the same work otherwise varies by several percent with its layout alone.
+        setarch = shutil.which("setarch")
+        if setarch:
+            cmd = [setarch, os.uname().machine, "-R", *cmd]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True)
+                                     text=True, env={**os.environ, "PYTHONHASHSEED": "0"})
         for line in self.proc.stdout:
             if m := re.search(r"listening at 127\.0\.0\.1:(\d+)", line):
                 self.port = int(m.group(1))
@@ -129,9 +141,13 @@ class Mitmdump:
         threading.Thread(target=lambda: [None for _ in self.proc.stdout], daemon=True).start()
 
     def cpu_s(self) -> float:
-        """CPU seconds (user + system) mitmdump has used so far."""
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        """CPU seconds mitmdump's threads have run so far (the scheduler's nanosecond count:
+        clock ticks are too coarse for a workload of a fraction of a second)."""
+        total = 0
+        for task in Path(f"/proc/{self.proc.pid}/task").iterdir():
+            with contextlib.suppress(OSError):  # a thread that just ended
+                total += int((task / "schedstat").read_text().split()[0])
+        return total / 1e9
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -265,6 +281,35 @@ def layer_overhead_ns(events: int = 200_000) -> tuple[float, float]:
 
 
 WORKLOADS = ("new HTTPS connection/s", "keep-alive HTTPS requests/s", "passthrough MiB/s")
+KEYS = dict(zip(WORKLOADS, ("new", "keepalive", "passthrough"), strict=True))
+
+
+def run_workloads(m: Mitmdump, ports: dict[str, int], args: argparse.Namespace,
+                  chosen: set[str]) -> dict[str, tuple[float, float, bool | None]]:
+    """(CPU seconds, rate, passthrough bytes exact) of each chosen workload on one mitmdump."""
+    size = args.upload_mb * 2**20
+    # Warm up first (certificate for the host, first records file, lazy imports): the same for
+    # every configuration, and not what a long run costs per request.
+    keepalive_requests_per_s(m.port, ports["https"], 40, m.ca)
+    new_connections_per_s(m.port, ports["https"], 8, m.ca)
+    out = {}
+    for label, fn, fargs in (
+        (WORKLOADS[0], new_connections_per_s, (m.port, ports["https"], args.connections, m.ca)),
+        (WORKLOADS[1], keepalive_requests_per_s, (m.port, ports["https"], args.requests, m.ca)),
+        (WORKLOADS[2], tunnel_upload, (m.port, ports["sink"], size)),
+    ):
+        if KEYS[label] not in chosen:
+            continue
+        before = m.cpu_s()
+        value = fn(*fargs)
+        cpu = m.cpu_s() - before
+        exact = None
+        if isinstance(value, tuple):
+            value, sent, port = value
+            if m.records.is_dir():
+                exact = counted_up(m.records, port) == sent
+        out[label] = (cpu, value, exact)
+    return out
 
 
 def main() -> None:
@@ -273,6 +318,11 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=200)
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--upload-mb", type=int, default=200)
+    parser.add_argument("--workloads", default="new,keepalive,passthrough",
+                        help="comma-separated subset of new,keepalive,passthrough to run")
+    parser.add_argument("--script", type=Path, action="append",
+                        help="a mitmdump -s file to measure (default: addons/telemetry.py); "
+                             "repeat to compare several side by side")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--layer-only", action="store_true",
                         help="only measure the counting layer's cost per event")
@@ -284,45 +334,65 @@ def main() -> None:
     if args.serve:
         asyncio.run(_serve())
         return
-    size = args.upload_mb * 2**20
+    chosen = set(args.workloads.split(","))
+    if not chosen <= set(KEYS.values()):
+        parser.error(f"--workloads: choose from {','.join(KEYS.values())}")
+    scripts = args.script or [ROOT / "addons" / "telemetry.py"]
+    configs: dict[str, Path | None] = {"mitmdump": None}
+    for script in scripts:
+        configs[f"+ {script.name}" if len(scripts) == 1 else f"+ {script}"] = script
     upstream = subprocess.Popen([sys.executable, __file__, "--serve"], stdout=subprocess.PIPE,
                                 text=True)
     ports = json.loads(upstream.stdout.readline())
-    configs = {"mitmdump": False, "mitmdump + addon": True}
-    rate: dict[str, dict[str, list[float]]] = {c: {w: [] for w in WORKLOADS} for c in configs}
     cpu: dict[str, dict[str, list[float]]] = {c: {w: [] for w in WORKLOADS} for c in configs}
+    rate: dict[str, dict[str, list[float]]] = {c: {w: [] for w in WORKLOADS} for c in configs}
     exact = []
+    load = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
-        for _ in range(args.rounds):
-            for name, addon in configs.items():
-                m = Mitmdump(Path(tmp), ports["sink"], addon)
+        for n in range(args.rounds):
+            # A fresh mitmdump per round and configuration, in rotating order, so a drift in
+            # the machine's load hits every configuration alike.
+            order = list(configs.items())
+            order = order[n % len(order):] + order[:n % len(order)]
+            for name, script in order:
+                m = Mitmdump(Path(tmp), ports["sink"], script)
                 try:
-                    for label, fn, fargs in (
-                        (WORKLOADS[0], new_connections_per_s,
-                         (m.port, ports["https"], args.connections, m.ca)),
-                        (WORKLOADS[1], keepalive_requests_per_s,
-                         (m.port, ports["https"], args.requests, m.ca)),
-                        (WORKLOADS[2], tunnel_upload, (m.port, ports["sink"], size)),
-                    ):
-                        before = m.cpu_s()
-                        value = fn(*fargs)
-                        cpu[name][label].append(m.cpu_s() - before)
-                        rate[name][label].append(value[0] if isinstance(value, tuple) else value)
-                        if addon and label == WORKLOADS[2]:
-                            exact.append(counted_up(m.records, value[2]) == value[1])
+                    for label, (c, r, ok) in run_workloads(m, ports, args, chosen).items():
+                        cpu[name][label].append(c)
+                        rate[name][label].append(r)
+                        if ok is not None:
+                            exact.append(ok)
                 finally:
                     m.stop()
     upstream.terminate()
+    load = max(load, os.getloadavg()[0])
     print(f"median of {args.rounds} rounds; {args.connections} new connections, "
-          f"{args.requests} keep-alive requests, {args.upload_mb} MB passthrough upload")
-    print(f"{'workload':30} {'CPU s plain':>11} {'+ addon':>9} {'cost':>7}   "
-          f"{'rate plain':>10} {'+ addon':>9}")
-    for label in WORKLOADS:
-        cb, ca_ = (statistics.median(cpu[c][label]) for c in configs)
-        rb, ra = (statistics.median(rate[c][label]) for c in configs)
-        print(f"{label:30} {cb:11.2f} {ca_:9.2f} {100 * (ca_ / cb - 1):6.1f}%   "
-              f"{rb:10.1f} {ra:9.1f}")
-    print(f"addon counted every passthrough upload byte exactly: {all(exact)} ({len(exact)} runs)")
+          f"{args.requests} keep-alive requests, {args.upload_mb} MB passthrough upload; "
+          f"load average up to {load:.1f} on {os.cpu_count()} CPUs")
+    print("CPU s and rate: medians; cost: median over rounds of the CPU against the same "
+          "round's mitmdump")
+    print(f"{'workload':30} {'configuration':24} {'CPU s':>7} {'cost':>7} {'per item':>11}"
+          f" {'rate':>8} {'rate':>7}")
+    items = {WORKLOADS[0]: args.connections, WORKLOADS[1]: args.requests,
+             WORKLOADS[2]: args.upload_mb}
+    for label in (w for w in WORKLOADS if KEYS[w] in chosen):
+        base = cpu["mitmdump"][label]
+        base_rate = rate["mitmdump"][label]
+        for name in configs:
+            # Each round's configurations ran minutes apart at most: compare within rounds.
+            cost = statistics.median(c / b - 1 for c, b in zip(cpu[name][label], base,
+                                                               strict=True))
+            per_item = statistics.median(c - b for c, b in zip(cpu[name][label], base,
+                                                               strict=True))
+            rate_cost = statistics.median(r / b - 1 for r, b in zip(rate[name][label],
+                                                                    base_rate, strict=True))
+            unit = "us/MB" if label == WORKLOADS[2] else "us"
+            print(f"{label:30} {name[-24:]:24} {statistics.median(cpu[name][label]):7.3f} "
+                  f"{100 * cost:+6.1f}% {1e6 * per_item / items[label]:+6.0f}{unit:5} "
+                  f"{statistics.median(rate[name][label]):8.1f} {100 * rate_cost:+6.1f}%")
+    if exact:
+        print(f"addon counted every passthrough upload byte exactly: {all(exact)} "
+              f"({len(exact)} runs)")
     plain, counted = layer_overhead_ns()
     print(f"counting layer: {counted - plain:.0f} ns per event ({plain:.0f} -> {counted:.0f})")
 

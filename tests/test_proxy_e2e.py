@@ -436,6 +436,9 @@ def test_intercepted_http1_counts_bytes_and_redacts_queries(lab):
     with httpx.Client(proxy=relay.url, verify=client_tls(proxy.mitm_ca)) as client:
         assert client.get(f"{base}/h1?token=secret&size=1234").content == b"x" * 1234
         assert client.post(f"{base}/up?size=10", content=b"u" * 5000).status_code == 200
+        # Bodies over stream_large_bodies (1m) are streamed, and counted as they pass.
+        assert len(client.get(f"{base}/big?size=2500000").content) == 2_500_000
+        assert client.post(f"{base}/up?size=10", content=b"u" * 3_000_000).status_code == 200
     (counts,) = relay.finished(1)
     rec = check_counts(proxy, counts)
     assert rec["tls"] == "intercepted" and pd_null(rec["tls_error"])
@@ -443,10 +446,11 @@ def test_intercepted_http1_counts_bytes_and_redacts_queries(lab):
     assert rec["server_port"] == upstream.tls_port and rec["ts_tls_setup"] >= rec["ts_start"]
     http = proxy.tables()["http"]
     rows = http[http.conn_id == rec["conn_id"]].sort_values("ts_request")
-    assert list(rows.path) == ["/h1?token=*&size=*", "/up?size=*"]
-    assert list(rows.method) == ["GET", "POST"] and list(rows.status) == [200, 200]
-    assert list(rows.request_body_bytes) == [0, 5000]
-    assert list(rows.response_body_bytes) == [1234, 10]
+    assert list(rows.path) == ["/h1?token=*&size=*", "/up?size=*", "/big?size=*", "/up?size=*"]
+    assert list(rows.method) == ["GET", "POST", "GET", "POST"]
+    assert list(rows.status) == [200] * 4
+    assert list(rows.request_body_bytes) == [0, 5000, 0, 3_000_000]
+    assert list(rows.response_body_bytes) == [1234, 10, 2_500_000, 10]
     assert "secret" not in (proxy.dir / "live").joinpath(
         next((proxy.dir / "live").glob("*.jsonl")).name).read_text()
 

@@ -185,12 +185,12 @@ def test_options_are_validated_with_a_sentence(tmp_path):
 
 
 def test_hook_failures_are_counted_not_raised(caplog):
-    flows = addon.FlowRecorder(addon.Recorder())
+    telemetry = addon.Telemetry()
     before = addon.HEALTH.failures
     with caplog.at_level(logging.ERROR):
-        flows.responseheaders(object())  # no .response: a bug in the addon's view
+        telemetry.tcp_message(object())  # no .messages: a bug in the addon's view
     assert addon.HEALTH.failures == before + 1
-    assert "responseheaders failed" in caplog.text
+    assert "tcp_message failed" in caplog.text
 
 
 def test_pinned_host_is_added_to_ignore_hosts():
@@ -251,12 +251,13 @@ def test_proxy_warns_loudly_about_all_interfaces_and_passes_proxyauth(capsys):
 
 def test_pinning_after_the_handshake_is_told_from_an_idle_connection():
     def closed(after_s: float, extra_up: int = 0, by: str = "client", used: bool = False,
-               alert: str | None = None) -> str | None:
+               requests: int = 0, alert: str | None = None, counted: bool = True) -> str | None:
         traffic = Traffic(10.0)
         traffic.up(600, 100.0)
+        traffic.requests = requests
         rec = ConnRecord("c", "d", "tcp", None, None, "regular", 99.0, traffic,
                          ts_tls_setup=100.0, tls="intercepted", used=used, alert=alert,
-                         up_at_handshake=600)
+                         up_at_handshake=600, counter=object() if counted else None)
         traffic.up(extra_up, 100.0 + after_s)
         traffic.closed(by)
         rec.ts_end = 100.0 + after_s
@@ -266,7 +267,9 @@ def test_pinning_after_the_handshake_is_told_from_an_idle_connection():
     assert closed(0.01, extra_up=24) == "pinned after handshake"  # a TLS 1.3 close_notify
     assert closed(30.0) is None  # idle, closed later
     assert closed(0.01, extra_up=80) is None  # it sent something
-    assert closed(0.01, used=True) is None  # it made a request
+    assert closed(0.01, requests=1) is None  # it made a request (in its handshake's segment)
+    assert closed(0.01, used=True) is None  # it sent a TCP message
+    assert closed(0.01, counted=False) is None  # bytes and requests unknown: never a guess
     assert closed(0.01, by="server") is None
     assert closed(5.0, alert="bad_certificate") == "client alert after handshake: bad_certificate"
 

@@ -1,9 +1,9 @@
 """The mitmproxy addons that record a device's traffic (loaded by ``addons/telemetry.py``).
 
-Two addon objects sharing one ``RecordStore``: ``Recorder`` (options, connections, activity,
-sessions; a host whose client rejected our certificate is passed through from then on; misspelled
-``--set`` options are reported) and ``FlowRecorder`` (http, websocket and dns rows; no payload
-kept in memory).
+One addon object, ``Telemetry``: a ``Recorder`` (options, connections, activity, sessions; a host
+whose client rejected our certificate is passed through from then on; misspelled ``--set``
+options are reported) that also writes the http, websocket and dns rows (no payload kept in
+memory).  One object, as mitmproxy offers every event to every addon object (docs/proxy.md).
 Every hook is wrapped: a failure is logged and counted, never raised into mitmproxy.
 """
 
@@ -33,6 +33,7 @@ from mitmproxy.proxy.layers.tls import parse_client_hello
 from observer import ObserverError
 from observer.devices import DeviceMap
 from observer.sources.proxy import counting
+from observer.sources.proxy.counting import BodyCounter
 from observer.sources.proxy.flows import METADATA_KEY, conn_id_of, dns_rows, http_row, websocket_row
 from observer.sources.proxy.records import ConnRecord, close_reason
 from observer.sources.proxy.store import RecordStore, private_dir
@@ -105,6 +106,8 @@ def pinned_after_handshake(rec: ConnRecord, window_s: float) -> str | None:
     at once, or send an alert, without a request; an idle (pre-opened) connection sends nothing
     either, but is closed later, when the client gives up on it."""
     if rec.tls != "intercepted" or rec.used or rec.up_at_handshake is None:
+        return None
+    if rec.counter is None or rec.traffic.requests:  # uncounted: no way to tell; or it was used
         return None
     if rec.alert is not None:
         return f"client alert after handshake: {rec.alert}"
@@ -452,54 +455,29 @@ class Recorder:
         return meta
 
 
-class BodyCounter:
-    """A ``stream`` callable that counts a streamed body's bytes and passes them on unchanged."""
+class Telemetry(Recorder):
+    """The addon: the Recorder's rows plus those of the flows mitmproxy decodes (http, websocket,
+    dns), and no payload kept after.
 
-    __slots__ = ("n",)
-
-    def __init__(self) -> None:
-        self.n = 0
-
-    def __call__(self, chunk: bytes) -> bytes:
-        self.n += len(chunk)
-        return chunk
-
-
-class FlowRecorder:
-    """Rows of the flows mitmproxy decodes (http, websocket, dns), and no payload kept after.
-
-    TCP, UDP and WebSocket message contents are dropped once forwarded (bounded memory, no
-    payload in memory or in a ``-w`` file).  The newest message is forwarded after its hook
-    returns, so only older ones go at message time, the rest at the flow's end.
+    An HTTP exchange costs one hook, ``response`` (or ``error``): the counting layer notes the
+    request and counts streamed bodies as their headers pass, and each hook an addon defines is
+    one more dispatch per event.  TCP, UDP and WebSocket message contents are dropped once
+    forwarded (bounded memory, no payload in memory or in a ``-w`` file).  The newest message is
+    forwarded after its hook returns, so only older ones go at message time, the rest at the
+    flow's end.
     """
 
-    def __init__(self, recorder: Recorder) -> None:
-        self.rec = recorder
-
-    @guarded
-    def requestheaders(self, flow: Any) -> None:
-        conn = self.rec.record_of(flow.client_conn)
-        if conn is not None:
-            conn.used = True
-        if flow.request.stream is True:
-            flow.request.stream = BodyCounter()
-
-    @guarded
-    def responseheaders(self, flow: Any) -> None:
-        if flow.response.stream is True:
-            flow.response.stream = BodyCounter()
-
     def _write(self, flow: Any) -> None:
-        store = self.rec.store
+        store = self.store
         if store is None or flow.request is None:
             return
-        conn = self.rec.record_of(flow.client_conn)
-        device = conn.device if conn else self.rec.device_of(
+        conn = self.record_of(flow.client_conn)
+        device = conn.device if conn else self.device_of(
             flow.client_conn.peername[0] if flow.client_conn.peername else None)
         req_stream = flow.request.stream
         resp_stream = flow.response.stream if flow.response else None
         row = http_row(
-            flow, device, self.rec.keep_query,
+            flow, device, self.keep_query,
             (req_stream.n if isinstance(req_stream, BodyCounter) else None,
              resp_stream.n if isinstance(resp_stream, BodyCounter) else None),
         )
@@ -508,12 +486,12 @@ class FlowRecorder:
             row["response_body_bytes"] = max(
                 0, row["response_body_bytes"] - conn.traffic.undelivered)
         store.write("http", row)
-        if self.rec.console:
+        if self.console:
             log.info("%s %s %s://%s%s -> %s", row["device"], row["method"], row["scheme"],
                      row["host"], row["path"], row["status"] or flow.error)
         if conn is not None and conn.name_source == "none":
             conn.name(row["host"], "http")
-        meta = self.rec.snapshot(flow)
+        meta = self.snapshot(flow)
         if meta is not None:
             meta["http"] = row
 
@@ -528,34 +506,34 @@ class FlowRecorder:
     @guarded
     def websocket_message(self, flow: Any) -> None:
         messages = flow.websocket.messages
-        store = self.rec.store
+        store = self.store
         if store is not None:
-            conn = self.rec.record_of(flow.client_conn)
+            conn = self.record_of(flow.client_conn)
             row = websocket_row(flow, messages[-1], conn.device if conn else "unknown")
             store.write("websocket", row)
-            if self.rec.saving:
+            if self.saving:
                 flow.metadata.setdefault(METADATA_KEY, {}).setdefault("websocket", []).append(row)
         del messages[:-1]
 
     @guarded
     def websocket_end(self, flow: Any) -> None:
         flow.websocket.messages.clear()
-        self.rec.snapshot(flow)
+        self.snapshot(flow)
 
     @guarded
     def dns_response(self, flow: Any) -> None:
-        store = self.rec.store
+        store = self.store
         if store is None:
             return
         peer = flow.client_conn.peername
-        for row in dns_rows(flow, self.rec.device_of(peer[0] if peer else None)):
+        for row in dns_rows(flow, self.device_of(peer[0] if peer else None)):
             store.write("dns", row)
-        self.rec.snapshot(flow)
+        self.snapshot(flow)
 
     @guarded
     def tcp_message(self, flow: Any) -> None:
         if flow.messages[-1].from_client:
-            conn = self.rec.record_of(flow.client_conn)
+            conn = self.record_of(flow.client_conn)
             if conn is not None:
                 conn.used = True
         del flow.messages[:-1]
@@ -565,7 +543,7 @@ class FlowRecorder:
     @guarded
     def tcp_end(self, flow: Any) -> None:
         flow.messages.clear()
-        self.rec.snapshot(flow)
+        self.snapshot(flow)
 
     tcp_error = udp_end = udp_error = tcp_end
 
@@ -573,7 +551,8 @@ class FlowRecorder:
 def note_alert(rec: ConnRecord, _conn: Any, where: int, ret: int) -> None:
     """OpenSSL info callback of an intercepted client connection: keep the first alert the
     client sent after the handshake (mitmproxy only logs it)."""
-    if where & SSL_CB_READ_ALERT == SSL_CB_READ_ALERT and rec.alert is None and not rec.used:
+    if (where & SSL_CB_READ_ALERT == SSL_CB_READ_ALERT and rec.alert is None and not rec.used
+            and not rec.traffic.requests):
         code = ret & 0xFF
         if code:  # close_notify is a normal close, told apart by timing instead
             rec.alert = ALERTS.get(code, f"alert {code}")
@@ -637,11 +616,6 @@ def warn_unknown_options() -> None:
 
 
 def make_addons() -> list[Any]:
-    """The addon instances ``addons/telemetry.py`` hands to mitmproxy.
-
-    Two objects, not one per concern: mitmproxy walks every addon object for every hook of every
-    flow, and each object costs about as much per request as the work it does (see
-    docs/performance.md).
-    """
-    recorder = Recorder()
-    return [recorder, FlowRecorder(recorder)]
+    """The addon instances ``addons/telemetry.py`` hands to mitmproxy: one object, as mitmproxy
+    offers every event to every addon object (docs/proxy.md, "What the addon costs")."""
+    return [Telemetry()]

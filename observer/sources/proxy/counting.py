@@ -22,12 +22,15 @@ from collections.abc import Generator
 from typing import Any
 
 from mitmproxy.proxy import commands, events
+from mitmproxy.proxy.layers.http import HttpRequestHeadersHook, HttpResponseHeadersHook
 
 from observer.sources.proxy.traffic import Traffic
 
 DataReceived = events.DataReceived
 ConnectionClosed = events.ConnectionClosed
 SendData = commands.SendData
+RequestHeaders = HttpRequestHeadersHook
+ResponseHeaders = HttpResponseHeadersHook
 # struct tcp_info (linux/tcp.h): tcpi_state is the first byte, tcpi_bytes_acked a u64 at 120.
 TCP_CLOSE = 7
 BYTES_ACKED = struct.Struct("=Q")
@@ -46,8 +49,34 @@ def bytes_acked(sock: Any) -> tuple[int, int] | None:
     return info[0], BYTES_ACKED.unpack_from(info, BYTES_ACKED_AT)[0]
 
 
+class BodyCounter:
+    """A ``stream`` callable that counts a streamed body's bytes and passes them on unchanged."""
+
+    __slots__ = ("n",)
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def __call__(self, chunk: bytes) -> bytes:
+        self.n += len(chunk)
+        return chunk
+
+
+def count_streamed(message: Any) -> None:
+    """Count the body of a message mitmproxy streams instead of buffering (``stream_large_bodies``
+    set ``stream`` to True just before its headers hook); a buffered body is counted from the
+    flow at its end, so small bodies keep mitmproxy's usual path."""
+    if message is not None and message.stream is True:
+        message.stream = BodyCounter()
+
+
 class CountingLayer:
-    """Stands in for a handler's top layer, counting the client's bytes and forwarding the rest."""
+    """Stands in for a handler's top layer, counting the client's bytes and forwarding the rest.
+
+    The headers hooks of HTTP messages pass through it on their way to the addons too: there it
+    counts the client's requests and wraps streamed bodies in a ``BodyCounter``, which saves two
+    hook calls per request (mitmproxy dispatches each hook to every addon).
+    """
 
     def __init__(self, inner: Any, traffic: Traffic, sock: Any = None) -> None:
         self.inner = inner
@@ -71,10 +100,16 @@ class CountingLayer:
             else:
                 self.traffic.closed("server")
         for command in self.inner.handle_event(event):
-            if type(command) is SendData and command.connection is self.client:
-                self.traffic.down(len(command.data), time.time())
+            kind = type(command)
+            if kind is SendData:
+                if command.connection is self.client:
+                    self.traffic.down(len(command.data), time.time())
+            elif kind is RequestHeaders:
+                self.traffic.requests += 1
+                count_streamed(command.flow.request)
+            elif kind is ResponseHeaders:
+                count_streamed(command.flow.response)
             yield command
-
 
     def settle_delivery(self) -> None:
         """When the client aborted (reset) its TCP connection, the bytes it never acknowledged

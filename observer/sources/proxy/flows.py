@@ -5,7 +5,10 @@ Only metadata leaves a flow: method, host, path (query redacted), sizes and time
 
 from __future__ import annotations
 
+import functools
 from typing import Any
+
+from mitmproxy.net.http import url
 
 from observer.redaction import Redaction
 from observer.sources.proxy.records import header_bytes
@@ -18,6 +21,18 @@ DNS_TYPES = {1: "A", 28: "AAAA", 5: "CNAME"}
 def conn_id_of(client: Any) -> str:
     """The record id of a mitmproxy client connection (its uuid, stable in saved flows)."""
     return f"proxy-{client.id}"
+
+
+@functools.lru_cache(maxsize=4096)
+def _authority_host(authority: str) -> str:
+    return url.parse_authority(authority, check=False)[0]
+
+
+def pretty_host(request: Any) -> str:
+    """mitmproxy's ``Request.pretty_host`` (the Host header's host, else the request's), with
+    the parsing of the header remembered (3.6 -> 1.1 µs: it was half the cost of an http row)."""
+    authority = request.host_header
+    return _authority_host(authority) if authority else request.host
 
 
 def body_size(message: Any, counted: int | None) -> int | None:
@@ -45,7 +60,7 @@ def http_row(
         "ts_response": (resp.timestamp_end or resp.timestamp_start) if resp else None,
         "method": text(req.method),
         "scheme": req.scheme,
-        "host": text(req.pretty_host),
+        "host": text(pretty_host(req)),
         "path": text(Redaction(keep_query).path(path) if "?" in path or "#" in path else path),
         "http_version": req.http_version,
         "status": resp.status_code if resp else None,

@@ -54,7 +54,7 @@ class ConnRecord:
     server_tls_error: str | None = None
     connect_error: str | None = None
     # For telling a certificate rejection after the handshake from an idle connection.
-    used: bool = False  # the client sent a request (or data) after its handshake
+    used: bool = False  # the client sent a TCP message (its requests: traffic.requests)
     up_at_handshake: int | None = None
     alert: str | None = None
     counter: Any = None  # the counting layer, to release its socket at the end

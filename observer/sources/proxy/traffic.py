@@ -35,6 +35,7 @@ class Traffic:
         "flow_bins",
         "packets_down",
         "packets_up",
+        "requests",
         "undelivered",
         "written_down",
     )
@@ -48,6 +49,7 @@ class Traffic:
         self.bins: dict[float, Bin] = {}
         self.flow_bins: dict[float, Bin] | None = {} if track_flow_bins else None
         self.closed_by: str | None = None
+        self.requests = 0  # HTTP requests the client started (their headers arrived)
         self.undelivered = 0
         self.written_down: dict[float, int] = {}  # bytes_down of recently written bins
         self.corrections: list[tuple[float, Bin]] = []  # to amend bins already written
