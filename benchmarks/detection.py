@@ -19,6 +19,7 @@ analysis/beacons.go) is computed on connections per server name, as RITA does; a
 at a score >= 0.8.
 
     .venv/bin/python benchmarks/detection.py [--quick] [--only NAME] [--family F] [--jobs 2]
+                                             [--reuse-records] [--calibration 1000]
 
 Records are cached under benchmarks/data/detection/ (git-ignored), keyed by a hash of the scenario
 and of the simulator's and replay's source (an older copy is deleted), so a second run only
@@ -380,13 +381,21 @@ def lab_config(spec: dict, scenario: Scenario) -> LabConfig:
     return dataclasses.replace(config, devices=()) if spec.get("config") else config
 
 
-def prepare(spec: dict, source_key: str) -> tuple[Path, dict, Scenario]:
-    """Simulate and replay once; later runs read the cached records."""
+def prepare(spec: dict, source_key: str, reuse: bool = False) -> tuple[Path, dict, Scenario]:
+    """Simulate and replay once; later runs read the cached records.  With ``reuse``, records
+    cached by another version of the simulator or replay are read as they are (to measure a
+    change to the analysis alone while the replay code changes under it)."""
     data = {k: v for k, v in spec.items() if k not in ("family", "config")}
     scenario = Scenario.from_dict(data, name=spec["name"])
     text = json.dumps(spec, sort_keys=True, default=str)  # a bundled scenario's start is a date
     key = hashlib.sha256((text + source_key).encode()).hexdigest()
     folder = DATA / f"{spec['name']}-{key[:12]}"
+    cached = [old for old in DATA.glob(f"{spec['name']}-*")
+              if re.fullmatch(rf"{re.escape(spec['name'])}-[0-9a-f]{{12}}", old.name)
+              and (old / "records" / "meta.json").exists()
+              and (old / "capture.truth.json").exists()]
+    if reuse and cached and not (folder / "records" / "meta.json").exists():
+        folder = max(cached, key=lambda f: (f / "records" / "meta.json").stat().st_mtime)
     records = folder / "records"
     truth_file = folder / "capture.truth.json"
     if not (records / "meta.json").exists() or not truth_file.exists():
@@ -430,8 +439,8 @@ def circular_error(a: float, b: float, period: float) -> float:
     return min(d, period - d)
 
 
-def evaluate(spec: dict, source_key: str, n_sim: int) -> Outcome:
-    records_dir, truth, scenario = prepare(spec, source_key)
+def evaluate(spec: dict, source_key: str, n_sim: int, reuse: bool = False) -> Outcome:
+    records_dir, truth, scenario = prepare(spec, source_key, reuse)
     config = lab_config(spec, scenario)
     t0 = time.perf_counter()
     records = read_records(records_dir)
@@ -525,10 +534,10 @@ def calibration(lists: int, seed: int = 5) -> list[tuple[str, int, float, float]
     truth = np.repeat(HOURLY / HOURLY.sum() / 2, 2)
     profile = day_profile(test.slot_counts(test.sample(rng, (300,), truth)))
     rows = []
-    for n in (4, 7, 14):
+    for n in (3, 4, 7, 14):
         ps = np.array([test.test(cover.sample(rng, (n,))).p_value_raw for _ in range(lists)])
         rows.append(("uniform", n, float(np.mean(ps < 0.05)), float(np.mean(ps < 0.01))))
-    for n in (7, 14, 60):
+    for n in (3, 7, 14, 60):
         ps = np.array([test.test(test.sample(rng, (n,), truth), profile=profile).p_value_raw
                        for _ in range(lists)])
         rows.append(("day profile", n, float(np.mean(ps < 0.05)), float(np.mean(ps < 0.01))))
@@ -547,7 +556,7 @@ def fmt(x: float | None, spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
 
-def _run(args: tuple[dict, str, int]) -> Outcome:
+def _run(args: tuple[dict, str, int, bool]) -> Outcome:
     return evaluate(*args)
 
 
@@ -592,6 +601,9 @@ def main() -> int:
     parser.add_argument("--calibration", type=int, default=0, metavar="N",
                         help="random event lists per size for the null calibration (0: skip)")
     parser.add_argument("--list", action="store_true", help="list the scenarios and exit")
+    parser.add_argument("--reuse-records", action="store_true",
+                        help="analyse the cached records of each scenario even if the simulator "
+                             "or replay changed since (for a change to the analysis alone)")
     args = parser.parse_args()
     specs = grid()
     if args.quick:
@@ -607,7 +619,7 @@ def main() -> int:
         return 0
     started = time.perf_counter()
     key = _source_key()
-    work = [(spec, key, args.monte_carlo) for spec in specs]
+    work = [(spec, key, args.monte_carlo, args.reuse_records) for spec in specs]
     print("| scenario | family | days | expected | TP/FP/FN | backups named | period err % | "
           "phase err min | max p | RITA TP/FP | analyse s | ok |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")

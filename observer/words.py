@@ -222,11 +222,20 @@ def _verdict_sentence(finding: FindingLike, tz_name: str, tz_configured: bool) -
         count = f"{n} bulk upload{'' if n == 1 else 's'}" if n is not None else "bulk uploads"
         return (
             f"{opener} made {count} to {target} (typically {size}) at irregular times."
-            f"{_why_irregular(finding)}"
+            f"{_why_irregular(finding)}{_also_heartbeat(finding)}"
         )
     else:
         return f"Nothing notable: no bulk uploads to {target}."
-    return f"{text} Confidence: {conf} ({p_value_text(finding.get('p_value'))}, corrected)."
+    return (f"{text} Confidence: {conf} ({p_value_text(finding.get('p_value'))}, corrected)."
+            f"{_also_heartbeat(finding)}")
+
+
+def _also_heartbeat(finding: FindingLike) -> str:
+    """A group's heartbeat beside its uploads (a chat connection carrying an export): both told."""
+    interval = finding.get("heartbeat_s")
+    if not interval or finding.get("verdict") == "periodic heartbeat":
+        return ""
+    return f" It also contacts {who(finding)} {period_words(interval)} with small amounts of data."
 
 
 # The analysis's conditions for a schedule (docs/findings.md, schedule_checks), in words.
@@ -257,7 +266,15 @@ def _why_irregular(finding: FindingLike) -> str:
             f" Their timing is not random ({p_value_text(p)}, corrected), but they do not follow "
             f"{closest}{reason}."
         )
-    return f" The closest fit, {closest}, is not significant ({p_value_text(p)}, corrected)."
+    few = ""
+    occ = finding.get("occurrences")
+    if isinstance(occ, int) and occ <= 3 and p < 0.1:
+        # Three cycles are told from chance only when they agree within minutes (docs/analysis.md).
+        few = (f" With {occ} occurrences only a schedule kept to within minutes stands out; "
+               f"a capture of at least {5 if period <= 86400 else 5 * round(period / 86400)} "
+               f"days would settle it.")
+    return (f" The closest fit, {closest}, is not significant ({p_value_text(p)}, corrected)."
+            f"{few}")
 
 
 def headline(findings: list[FindingLike]) -> str:

@@ -4,9 +4,12 @@ The verdicts, in order of precedence:
 - periodic bulk upload: bulk events recur with a period and stable local-time phase, the test is
   significant after correction for every group and period tried, most covered cycles have one,
   and at most two events fall near the phase per occurrence (a scheduled job, not a busy hour);
-- periodic heartbeat: small contacts at regular intervals (a timer, not a clock);
+- periodic heartbeat: small contacts at regular intervals (a timer, not a clock), in a group
+  without bulk events;
 - irregular uploads: bulk events without a schedule (what a user sending videos looks like);
 - nothing notable.
+A heartbeat never hides bulk events: a group with both gets the uploads' verdict, and its
+``heartbeat_s`` says how often it beats.
 A catalog category "backup" keeps its verdict and is flagged ``is_backup`` and worded as a
 scheduled backup.  The result is a typed ``Findings`` (observer.records.findings);
 docs/findings.md documents every field.
@@ -30,7 +33,6 @@ from observer.analysis.periodicity import (
     FREE_MIN_S,
     MAX_EVENTS,
     MAX_ON_SCHEDULE_PER_CYCLE,
-    NARROW_MIN_EVENTS,
     PROFILE_HALF,
     SLOTS,
     WIDTHS,
@@ -310,10 +312,15 @@ class FindingBuilder:
         return set(res.on_schedule)
 
     def _verdict(self, finding: Finding, key: str) -> None:
+        """Bulk uploads come first: a group that also beats (a chat connection carrying a nightly
+        export) keeps its uploads' verdict and numbers, and ``heartbeat_s`` tells the beat."""
         hb, p_hb = self.tests.heartbeat.get(key), self.tests.p_heartbeat.get(key)
+        beats = hb is not None and is_heartbeat(hb, p_hb, self.thresholds.alpha)
+        if beats:
+            finding.heartbeat_s = round(hb[0], 1)
         if finding.schedule_checks is not None and all(finding.schedule_checks.values()):
             finding.verdict = "periodic bulk upload"
-        elif hb is not None and is_heartbeat(hb, p_hb, self.thresholds.alpha):
+        elif beats and not finding.bulk_events:
             median, fraction, n_int, p_raw = hb
             finding.verdict = "periodic heartbeat"
             finding.period_s, finding.phase_s, finding.phase_local = round(median, 1), None, None
@@ -418,8 +425,7 @@ class Analysis:
             "clock_periods_s": list(CLOCK_PERIODS),
             "free_period_range_s": [FREE_MIN_S, FREE_MAX_S],
             "window_widths": list(WIDTHS),
-            "window_widths_24h_busy": list(WIDTHS_24H),
-            "busy_group_events": NARROW_MIN_EVENTS,
+            "window_widths_24h": list(WIDTHS_24H),
             "profile_slots": SLOTS,
             "profile_half_events": PROFILE_HALF,
             "family_weights": FAMILY_WEIGHTS,

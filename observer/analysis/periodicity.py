@@ -27,16 +27,13 @@ DAY = 86_400.0
 CLOCK_PERIODS = (3600.0, 7200.0, 10800.0, 14400.0, 21600.0, 28800.0, 43200.0, DAY, 2 * DAY, 7 * DAY)
 # Window widths as fractions of the period (for 24 h: 30 min, 1 h, 2 h, 4 h).
 WIDTHS = (1 / 48, 1 / 24, 1 / 12, 1 / 6)
-# The 24 h period is scanned on the activity clock (below), where a quiet night hour is a thin
-# slice: narrower widths let a nightly job stand out from a busy group's daytime uploads.  Only
-# for busy groups: with few events, a chance coincidence of three within minutes would make the
-# score's null tail too lumpy to extrapolate, and a small group's job has nothing to hide in.
+# The 24 h period, the mission's first question, is also scanned with windows of 7.5 and 15 min
+# (on the activity clock, below, where a quiet night hour is a thin slice): a nightly job stands
+# out from a busy group's daytime uploads, and three nights within minutes of each other are
+# far stronger evidence than three within half an hour.  A chance triple within minutes makes
+# the null's tail lumpy for small groups, so their null is simulated deeper (DEEP, below) rather
+# than extrapolated.
 WIDTHS_24H = (1 / 192, 1 / 96, *WIDTHS)
-NARROW_MIN_EVENTS = 48
-
-
-def day_widths(n: int) -> tuple[float, ...]:
-    return WIDTHS_24H if n >= NARROW_MIN_EVENTS else WIDTHS
 SLOTS = 48  # the day profile's resolution: 30-minute slots of the local day
 # A profile from N events gets the weight N^2 / (N^2 + PROFILE_HALF^2) against uniform: a
 # histogram of a few dozen events is mostly noise, and noise in the null is a false alarm.
@@ -49,6 +46,14 @@ MIN_SIM = 200  # fewest Monte Carlo runs of the null, for the largest groups
 # When fewer than 10 null runs reach the observed score, the null is extended to this many
 # times its runs before a tail is fitted: narrow windows make the score's tail lumpy.
 EXTEND = 5
+# A group of at most DEEP_MAX_EVENTS events whose score is still beyond 10 null runs gets
+# DEEP[0] times the runs (cheap for so few events), and DEEP[1] times while 1 to 9 runs reach
+# it: there a chance triple within minutes makes the tail lumpy (3 of 10 user uploads within 7
+# minutes on 3 evenings: p ~ 2e-3 simulated, 6e-5 fitted), so the p-value must come from the
+# simulation, down to ~(10/DEEP[1])/n_sim.  A score beyond all DEEP[0] * n_sim runs is far out
+# whatever the tail (every nightly job of a week: going on to DEEP[1] tripled a fleet's time).
+DEEP_MAX_EVENTS = 12
+DEEP = (10, 40)
 P_FLOOR = 1e-12  # an extrapolated tail says "smaller than this", not an exact figure
 # Weighted Bonferroni over the three families: 24 h alone first, other clock periods, free search.
 FAMILY_WEIGHTS = {"24h": 0.5, "clock": 0.25, "free": 0.25}
@@ -71,6 +76,8 @@ DIVISOR_EXCESS = 0.5
 # events, at least min(P/24, 1 h) (a narrow best window underestimates the spread), at most P/4.
 HARMONIC_JITTERS = 3.0
 HARMONIC_MIN_S = 3600.0
+# A data-driven period is checked against its divisors P/2 ... P/FREE_MAX_DIVISOR.
+FREE_MAX_DIVISOR = 4
 
 
 @dataclass(frozen=True)
@@ -320,8 +327,7 @@ def family_scores(utc: np.ndarray, clock: LocalClock, profile: np.ndarray) -> Fa
     out = FamilyScores()
     sc, _, _ = window_scores(wall, np.array(CLOCK_PERIODS))
     day = list(CLOCK_PERIODS).index(DAY)
-    sc[:, day] = window_scores(activity_clock(wall, profile), np.array([DAY]),
-                               day_widths(utc.shape[1]))[0][:, 0]
+    sc[:, day] = window_scores(activity_clock(wall, profile), np.array([DAY]), WIDTHS_24H)[0][:, 0]
     out.score["24h"] = sc[:, day]
     out.score["clock"] = sc.max(axis=1)
     out.per_clock_period = sc
@@ -463,8 +469,18 @@ class PeriodicityTest:
             return result
         observed = family_scores(times[None, :], self.clock, self.profile)
         null = self.null(n)
-        if any(np.sum(null.score[f] >= observed.score[f][0] - 1e-12) < 10 for f in FAMILY_WEIGHTS):
+        def beyond(null: FamilyScores) -> bool:
+            return any(np.sum(null.score[f] >= observed.score[f][0] - 1e-12) < 10
+                       for f in FAMILY_WEIGHTS)
+
+        if beyond(null):
             null = self.null(n, EXTEND)
+        if n <= DEEP_MAX_EVENTS and beyond(null):
+            null = self.null(n, DEEP[0])
+            reached = [np.sum(null.score[f] >= observed.score[f][0] - 1e-12)
+                       for f in FAMILY_WEIGHTS]
+            if any(0 < r < 10 for r in reached):
+                null = self.null(n, DEEP[1])
         weighted = {}
         for fam, weight in FAMILY_WEIGHTS.items():
             p = tail_p(float(observed.score[fam][0]), null.score[fam])
@@ -481,6 +497,11 @@ class PeriodicityTest:
         if best is None:
             return result
         period, local, fit = best
+        if not local:
+            period, fit = self._resolve_free(times, period, fit)
+            near = [c for c in CLOCK_PERIODS if abs(period - c) <= 0.01 * c]
+            if near:  # a divisor of a free period may be a clock period: told as one
+                period, local, fit = near[0], True, self._describe(times, near[0], True)
         if local:
             period, fit = self._resolve_harmonics(times, period, fit)
         result.period_s = period
@@ -569,9 +590,40 @@ class PeriodicityTest:
                 return divisor, near
         return period, fit
 
+    def _resolve_free(self, times: np.ndarray, period: float,
+                      fit: Schedule) -> tuple[float, Schedule]:
+        """The shortest divisor P/k of a data-driven period that explains its events better.
+
+        A 31 h job that ran on only some cycles also fits 62 h, at the runs that fell on even
+        cycles.  P/k is taken when its window keeps most of P's on-schedule events, adds at
+        least two that P's window missed (more than the same window half a cycle away holds:
+        the other runs of the job, not chance), holds at most two events per occurrence, and
+        explains the schedule at least as well, occurrences^2 / expected (the fundamental has
+        more cycles, and fills them)."""
+        if not fit.inside.any():
+            return period, fit
+        score = fit.occurrences**2 / max(fit.expected, 1)
+        for k in range(FREE_MAX_DIVISOR, 1, -1):  # the shortest period first
+            divisor = period / k
+            if divisor < FREE_MIN_S:
+                continue
+            phase, half = _anchor(times[fit.inside], divisor)
+            near = self._schedule_near(times, divisor, phase, half, local=False)
+            away = self._schedule_near(times, divisor, (phase + divisor / 2) % divisor, half,
+                                       local=False)
+            kept = int(np.sum(near.inside & fit.inside))
+            gained = int(np.sum(near.inside & ~fit.inside))
+            if (kept >= DIVISOR_KEEP * fit.inside.sum()
+                    and gained >= 2 and gained > away.inside.sum()
+                    and near.inside.sum() <= MAX_ON_SCHEDULE_PER_CYCLE * near.occurrences
+                    and near.occurrences**2 / max(near.expected, 1) >= score):
+                return divisor, near
+        return period, fit
+
     def _schedule_near(self, wall: np.ndarray, period: float, phase_s: float,
-                       half_s: float) -> Schedule:
-        """The schedule of local-clock events within ``half_s`` of a given phase."""
+                       half_s: float, local: bool = True) -> Schedule:
+        """The schedule of events within ``half_s`` of a given phase (``wall``: local-clock
+        times, or UTC ones for a free period with ``local=False``)."""
         dev = (wall - phase_s + period / 2) % period - period / 2
         inside = np.abs(dev) <= half_s
         if inside.any():
@@ -580,7 +632,7 @@ class PeriodicityTest:
         spread = ((wall[inside] - phase_s + period / 2) % period - period / 2)
         jitter = float(np.sqrt(np.mean(spread**2))) if inside.any() else 0.0
         cycles = np.unique(np.floor((wall[inside] - phase_s) / period + 0.5))
-        expected = len(np.union1d(self.covered_cycles(period, phase_s, True), cycles))
+        expected = len(np.union1d(self.covered_cycles(period, phase_s, local), cycles))
         return Schedule(phase_s, jitter, inside, len(cycles), expected)
 
     def _describe(self, times: np.ndarray, period: float, local: bool) -> Schedule:
@@ -589,7 +641,7 @@ class PeriodicityTest:
         # A day is scanned on the activity clock (as in the test); phase and jitter are told on
         # the wall clock.
         scan = activity_clock(tau, self.profile) if local and period == DAY else tau
-        fit = fit_window(scan, period, day_widths(len(tau)) if scan is not tau else WIDTHS)
+        fit = fit_window(scan, period, WIDTHS_24H if scan is not tau else WIDTHS)
         # Events in a window twice as wide as the best one, centred on it, are "on schedule".
         centre = (fit.start_frac + fit.width / 2) % 1.0
         dev = (np.mod(scan, period) / period - centre + 0.5) % 1.0 - 0.5

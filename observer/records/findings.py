@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from observer import ObserverError
+from observer.records.location import Location, is_url, read_file, write_object
 from observer.records.manifest import records_fingerprint, write_atomic
 
 FINDINGS_VERSION = 2
@@ -65,6 +66,7 @@ class Finding:
     p_value_raw: float | None = None
     confidence: str = "none"
     regular_fraction: float | None = None
+    heartbeat_s: float | None = None  # the group's heartbeat interval, whatever its verdict
     schedule_checks: dict[str, bool] | None = None
     null_profile_events: int | None = None
     covered_s: float | None = None
@@ -184,15 +186,22 @@ def _plain(value: object) -> object:
     return value
 
 
-def records_stamp(root: str | Path) -> RecordsStamp:
+def records_stamp(root: str | Path | Location) -> RecordsStamp:
     """The stamp of a records directory as it is now (a directory listing, no reads)."""
     return RecordsStamp(records_fingerprint(root))
 
 
-def write_findings(findings: Findings, path: Path) -> Path:
-    """Write findings as UTF-8 JSON (atomically, so a reader never sees half a file)."""
-    path = Path(path)
+def write_findings(findings: Findings, path: str | Path) -> str | Path:
+    """Write findings as UTF-8 JSON (atomically, so a reader never sees half a file); ``path``
+    may be a URL beside records on object storage (``observer.records.location``)."""
     data = json.dumps(findings.to_dict(), indent=1, allow_nan=False, ensure_ascii=False)
+    if is_url(path):
+        try:
+            write_object(path, data.encode("utf-8"))
+        except OSError as exc:
+            raise ObserverError(f"cannot write findings {path}: {exc}") from None
+        return path
+    path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, data.encode("utf-8"))
@@ -201,10 +210,10 @@ def write_findings(findings: Findings, path: Path) -> Path:
     return path
 
 
-def read_findings(path: Path) -> Findings:
-    """Read findings.json; one clear line when it is not one."""
+def read_findings(path: str | Path) -> Findings:
+    """Read findings.json (a path or a URL); one clear line when it is not one."""
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        data = json.loads(read_file(path).decode("utf-8"))
     except OSError as exc:
         raise ObserverError(f"cannot read {path}: {exc.strerror or exc}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
