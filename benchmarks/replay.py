@@ -14,13 +14,18 @@ separate processes:
 - scapy: a ``PcapReader`` loop that pulls the same header fields into a dict per 5-tuple; it is
   stopped after ``--scapy-seconds`` of CPU and its rate extrapolated to the file (said so below).
 
-Rates are packets per CPU second (user + sys of that process, start-up and imports included): the
-fair "one core" figure on a machine whose two cores are shared.  "in replay()" leaves out the
-interpreter start-up and imports (~0.5 s of numpy, pandas, pyarrow).  Wall seconds are beside
-them.  Peak RSS is each process's own maximum resident set.  Medians of ``--runs`` runs.
+Rates are packets per CPU second (user + sys of that process, start-up, imports and exit
+included): the fair "one core" figure on a machine whose two cores are shared.  "in replay()"
+leaves out the interpreter start-up and imports (~0.35 s of numpy, pandas, pyarrow).  Wall seconds
+are beside them.  Peak RSS is each process's own maximum resident set.  Medians of ``--runs``
+runs; run i of every reader on a file comes before run i + 1 of any (ours, tshark, nfstream, ours,
+...), so a shared machine's load hits all of them alike.  Our process runs with its bytecode cached
+(in a temporary ``PYTHONPYCACHEPREFIX``, compiled by one untimed import first), as after an
+installation, even where the environment says ``PYTHONDONTWRITEBYTECODE``: else every run would
+compile our modules from source (~0.07 s); the peers' Python modules are installed compiled.
 
     .venv/bin/python benchmarks/replay.py [--sizes 200000 2000000 20000000] [--runs 3]
-        [--scapy-seconds 20] [--tshark-max 2000000] [--keep] [--only-ours]
+        [--scapy-seconds 20] [--tshark-max 20000000] [--keep] [--only-ours]
         [--nfstream-python PYTHON]
 
 ``--only-ours`` runs only our reader (speed and peak RSS; the peers' columns are left out).
@@ -28,8 +33,9 @@ Beside each file up to ``--tunnel-max`` packets, ours also reads the same packet
 (every packet decapsulated: the outer UDP flows and the inner connections), so the cost of
 decapsulation shows next to the plain rate.
 
-tshark keeps ~600 bytes per packet (docs/performance.md), so by default it is not run on files
-above ``--tshark-max`` packets (the 20M file would need ~12 GB on a shared machine).
+tshark keeps ~600 bytes per packet (docs/performance.md): it is not run on files above
+``--tshark-max`` packets, nor where the machine has less memory available than it would take
+(~12 GB for the 20M file).
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "benchmarks" / "data" / "replay"
 PYTHON = sys.executable
 PACKETS_PER_DAY = 142_000  # the "week" scenario's phone, measured
+TSHARK_BYTES = 700  # per packet, with headroom: tshark's conversation tables keep ~590
 
 OURS = """
 import json, sys, time
@@ -181,12 +188,32 @@ def median(rows: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in rows)
 
 
+def available_bytes() -> int:
+    """Memory the machine has available now (Linux), else 0."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def bytecode_env(env: dict[str, str], cache: str) -> dict[str, str]:
+    """``env`` for our process with its bytecode cached in ``cache`` (see the module text)."""
+    ours = {k: v for k, v in env.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    ours["PYTHONPYCACHEPREFIX"] = cache
+    subprocess.run([PYTHON, "-c", "import observer.sources.pipeline"], env=ours, check=True)
+    return ours
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[200_000, 2_000_000, 20_000_000])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--scapy-seconds", type=float, default=20.0)
-    parser.add_argument("--tshark-max", type=int, default=2_000_000)
+    parser.add_argument("--tshark-max", type=int, default=20_000_000)
     parser.add_argument("--keep", action="store_true", help="keep the large capture files")
     parser.add_argument("--tunnel-max", type=int, default=2_000_000,
                         help="also time the same packets inside VXLAN up to this many packets")
@@ -202,36 +229,39 @@ def main() -> int:
     if not shutil.which("editcap"):
         raise SystemExit("editcap (part of tshark/wireshark-common) is needed to cut the files")
     tshark = shutil.which("tshark")
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    pycache = tempfile.TemporaryDirectory()
+    env = bytecode_env(dict(os.environ, PYTHONPATH=str(ROOT)), pycache.name)
     rows = []
     source = simulated(max(args.sizes))
     for size in sorted(args.sizes):
         path = build(size, source)
         mb = path.stat().st_size / 1e6
         runs = args.runs if size < 10_000_000 else max(1, args.runs - 2)
-        ours = []
+        use_tshark = tshark and size <= args.tshark_max and not args.only_ours
+        if use_tshark and available_bytes() < TSHARK_BYTES * size:
+            print(f"tshark not run on {size:,} packets: it would need ~"
+                  f"{TSHARK_BYTES * size / 1e9:.0f} GB, {available_bytes() / 1e9:.0f} GB are "
+                  "available", flush=True)
+            use_tshark = False
+        ours, shark, nf = [], [], []
         with tempfile.TemporaryDirectory() as tmp:
-            for _ in range(runs):
+            for _ in range(runs):  # interleaved: load on the machine hits every reader alike
                 r = run([PYTHON, "-c", OURS, str(path), tmp], env=env)
                 r.update(json.loads(r["out"]))
                 ours.append(r)
+                if use_tshark:
+                    shark.append(run([tshark, "-q", "-n", "-z", "conv,tcp", "-z", "conv,udp",
+                                      "-r", str(path)], env=dict(os.environ, LC_ALL="C")))
+                if nf_python:
+                    r = run([nf_python, "-c", NFSTREAM, str(path)])
+                    r.update(json.loads(r["out"]))
+                    nf.append(r)
         packets = ours[0]["packets"]
         tunnel = []
         if size <= args.tunnel_max:
             with tempfile.TemporaryDirectory() as tmp:
                 for _ in range(runs):
                     tunnel.append(run([PYTHON, "-c", OURS, str(tunnelled(path)), tmp], env=env))
-        shark = []
-        if tshark and size <= args.tshark_max and not args.only_ours:
-            for _ in range(runs):
-                shark.append(run([tshark, "-q", "-n", "-z", "conv,tcp", "-z", "conv,udp", "-r",
-                                  str(path)], env=dict(os.environ, LC_ALL="C")))
-        nf = []
-        if nf_python:
-            for _ in range(runs):
-                r = run([nf_python, "-c", NFSTREAM, str(path)])
-                r.update(json.loads(r["out"]))
-                nf.append(r)
         scapy = {"packets": 0, "cpu": 0.0, "rss": 0.0}
         if not args.only_ours:
             scapy = run([PYTHON, "-c", SCAPY, str(path), str(args.scapy_seconds)], env=env)
@@ -241,6 +271,8 @@ def main() -> int:
             "ours_cpu": median(ours, "cpu"), "ours_wall": median(ours, "wall"),
             "ours_inner": median(ours, "inner"),
             "ours_rss": max(r["rss"] for r in ours), "ours_runs": len(ours),
+            "each": {name: [round(r["cpu"], 2) for r in runs]
+                     for name, runs in (("ours", ours), ("tshark", shark), ("nfstream", nf))},
             "tunnel_cpu": median(tunnel, "cpu") if tunnel else None,
             "tshark_cpu": median(shark, "cpu") if shark else None,
             "tshark_wall": median(shark, "wall") if shark else None,
@@ -258,8 +290,12 @@ def main() -> int:
         print_row(row, flush=True)
         if size >= 10_000_000 and not args.keep:
             path.unlink()
+    pycache.cleanup()
     print()
     print(table(rows))
+    print()
+    for r in rows:
+        print(ratios(r))
     if not args.keep:
         for big in DATA.glob("week-*d.pcap"):
             if big.stat().st_size > 500e6:
@@ -271,6 +307,19 @@ def rate(packets: int, seconds: float | None) -> str:
     return f"{packets / seconds / 1e6:.2f}M" if seconds else "-"
 
 
+def ratios(r: dict) -> str:
+    """The targets' line: ours against nfstream and tshark, packets per CPU second."""
+    ours = r["packets"] / r["ours_cpu"]
+    parts = [f"{r['packets']:,} packets: ours {ours:,.0f} pkts/s (CPU, whole process, median of "
+             f"{r['ours_runs']}), peak {r['ours_rss']:.0f} MB"]
+    for name, key in (("nfstream", "nf_cpu"), ("tshark", "tshark_cpu")):
+        if r[key]:
+            parts.append(f"{ours / (r['packets'] / r[key]):.2f}x {name}")
+        else:
+            parts.append(f"{name} not run")
+    return "; ".join(parts)
+
+
 def print_row(r: dict, **kw) -> None:
     print(f"{r['packets']:>11,} pkts {r['mb']:8.0f} MB | ours {r['ours_cpu']:.2f} cpu-s "
           f"{r['ours_wall']:.2f} wall-s {r['ours_rss']:.0f} MB | in VXLAN "
@@ -278,7 +327,7 @@ def print_row(r: dict, **kw) -> None:
           f"{r['tshark_cpu'] or 0:.2f} cpu-s {r['tshark_rss'] or 0:.0f} MB | nfstream "
           f"{r['nf_cpu'] or 0:.2f} cpu-s {r['nf_rss'] or 0:.0f} MB {r['nf_flows'] or 0:,} flows "
           f"(ours {r['connections']:,}) | scapy "
-          f"{r['scapy_rate'] or 0:,.0f}/s", **kw)
+          f"{r['scapy_rate'] or 0:,.0f}/s | cpu-s of each run {r['each']}", **kw)
 
 
 def table(rows: list[dict]) -> str:

@@ -771,3 +771,38 @@ def test_jobs_keep_fragments_that_span_files_and_errors_per_file(tmp_path):
         assert len(stats.errors) == 2 and stats.files == 6
         for name, frame in tables.items():
             pd.testing.assert_frame_equal(frame, runs[0][0][name])
+
+
+@pytest.mark.parametrize("magic", ["d4c3b2a1", "a1b2c3d4", "4d3cb2a1", "a1b23c4d", "34cdb2a1",
+                                   "a1b2cd34"])
+@pytest.mark.parametrize("batch", [64, 256, 1 << 23])
+def test_record_walk_gives_every_record_field_whatever_the_batch(tmp_path, monkeypatch, magic,
+                                                                 batch):
+    """The record-header walk and its one gather of the header fields, for every pcap variant
+    (byte order, micro/nanoseconds, the 24-byte headers of the modified format), with batches
+    that end after every record (smaller than most records), every one or two, and with one
+    batch."""
+    from observer.sources import pcapfile
+
+    order, unit, hdr = pcapfile.PCAP_MAGICS[bytes.fromhex(magic)]
+    rng = np.random.default_rng(7)
+    records = []
+    out = bytes.fromhex(magic) + struct.pack(order + "HHiIII", 2, 4, 0, 0, 65535, 1)
+    for i in range(300):
+        caplen = int(rng.integers(0, 90))
+        frame = rng.integers(0, 256, caplen, dtype=np.uint8).tobytes()
+        sec, frac, origlen = 1_700_000_000 + i, int(rng.integers(0, 999_999)), caplen + i % 3
+        out += struct.pack(order + "IIII", sec, frac, caplen, origlen) + b"\xee" * (hdr - 16)
+        out += frame
+        records.append((sec + frac * unit, caplen, origlen, frame))
+    path = tmp_path / "walk.pcap"
+    path.write_bytes(out)
+    monkeypatch.setattr(pcapfile, "BATCH_BYTES", batch)
+    got = []
+    batches = pcapfile.Batches(path)
+    for b in batches:
+        got += [(t, c, o, bytes(b.buf[d : d + c])) for t, c, o, d in zip(
+            b.ts.tolist(), b.caplen.tolist(), b.origlen.tolist(), b.data_off.tolist(),
+            strict=True)]
+    assert batches.error is None and batches.packets == 300
+    assert got == records

@@ -23,12 +23,13 @@ from observer.catalog import Catalog
 from observer.config import LabConfig
 from observer.records import device_name, partitions, read_table
 from observer.records.findings import Findings, records_stamp
+from observer.records.location import Location
 
 ANALYSED_TABLES = ("connections", "activity", "sessions")
 LOCAL = "local"  # --dask without an address: a LocalCluster on this machine
 
 
-def record_devices(root: str | Path) -> list[str]:
+def record_devices(root: str | Path | Location) -> list[str]:
     """The devices a records directory holds, from its partition directories (no reads)."""
     names: set[str] = set()
     for table in ("connections", "activity"):
@@ -55,13 +56,14 @@ def available_cores() -> int:
     return len(os.sched_getaffinity(0))
 
 
-def analyze_devices(root: str | Path, config: LabConfig, catalog: Catalog, *, n_sim: int = 1000,
-                    seed: int = 0, jobs: int = 1, dask: str | None = None,
+def analyze_devices(root: str | Path | Location, config: LabConfig, catalog: Catalog, *,
+                    n_sim: int = 1000, seed: int = 0, jobs: int = 1, dask: str | None = None,
                     workers: int | None = None, problems: list[str] | None = None,
                     progress: Callable[[Iterable], Iterable] | None = None) -> Findings:
     """The findings of a records directory, analysed device by device (see the module
-    docstring).  Unreadable parts are skipped and listed in ``problems``."""
-    root = Path(root)
+    docstring).  ``root`` is a directory or an fsspec URL (a cluster's workers read it
+    themselves).  Unreadable parts are skipped and listed in ``problems``."""
+    root = Location.of(root)
     stamp = records_stamp(root)  # before reading: a part added meanwhile makes it stale
     devices = record_devices(root)
     if not devices:

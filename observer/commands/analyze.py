@@ -16,6 +16,7 @@ example:
   observer analyze records/ --jobs 8
   observer analyze records/ --dask --workers 4
   observer analyze /shared/records/ --dask tcp://scheduler.lab:8786
+  observer analyze s3://lab-bucket/records --jobs 4   (fsspec URL; needs s3fs, docs/performance.md)
 """
 
 from __future__ import annotations
@@ -28,12 +29,13 @@ VERDICT_MARK = {"periodic bulk upload": "!!", "periodic heartbeat": "~", "irregu
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("records", type=Path, metavar="RECORDS_DIR",
-                        help="a records directory (from observer replay, capture or proxy)")
+    parser.add_argument("records", metavar="RECORDS_DIR",
+                        help="a records directory (from observer replay, capture or proxy), or "
+                             "an fsspec URL of one (s3://bucket/records, gs://..., file://...)")
     parser.add_argument("--config", type=Path, metavar="LAB.yaml",
                         help="lab config: time zone, thresholds, extra catalogs (default: UTC and "
                              "the built-in thresholds)")
-    parser.add_argument("-o", "--output", type=Path, metavar="FINDINGS.json",
+    parser.add_argument("-o", "--output", metavar="FINDINGS.json",
                         help="where to write the findings (default: RECORDS_DIR/findings.json)")
     parser.add_argument("--simulations", type=int, default=1000, metavar="N",
                         help="Monte Carlo runs of the null model per event count (default 1000)")
@@ -43,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dask", nargs="?", const="local", metavar="ADDRESS",
                         help="analyse devices on dask.distributed: a local cluster, or the "
                              "scheduler at ADDRESS (tcp://host:8786; its workers must see "
-                             "RECORDS_DIR at the same path)")
+                             "RECORDS_DIR at the same path or URL)")
     parser.add_argument("--workers", type=int, metavar="N",
                         help="worker processes of the local Dask cluster (default: the cores "
                              "available)")
@@ -55,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
     from observer.analysis.scale import analyze_devices
     from observer.catalog import load_catalog
     from observer.config import LabConfig, load_config
+    from observer.records.location import Location
 
     if args.simulations < 100:
         raise ObserverError(f"--simulations must be at least 100, not {args.simulations}")
@@ -67,17 +70,18 @@ def run(args: argparse.Namespace) -> int:
         raise ObserverError("--workers sizes a local Dask cluster: use it with --dask and no "
                             "address (a remote cluster has its own workers)")
     config = load_config(args.config) if args.config else LabConfig()
-    if not args.records.is_dir():
+    records = Location.of(args.records)
+    if not records.is_dir():
         raise ObserverError(f"records directory {args.records} does not exist")
     problems: list[str] = []
-    findings = analyze_devices(args.records, config, load_catalog(config.catalogs),
+    findings = analyze_devices(records, config, load_catalog(config.catalogs),
                                n_sim=args.simulations, seed=args.seed, jobs=args.jobs,
                                dask=args.dask, workers=args.workers, problems=problems)
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         print(f"warning: {args.records}: skipped {len(problems)} unreadable record file(s): "
               f"{problems[0]}{more}", file=sys.stderr)
-    path = write_findings(findings, args.output or args.records / "findings.json")
+    path = write_findings(findings, args.output or records.place("findings.json"))
     notable = [f for f in findings.findings if f.verdict != "nothing notable"]
     for f in notable:
         print(f"{VERDICT_MARK.get(f.verdict, ' '):>2} {f.summary}")

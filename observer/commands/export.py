@@ -21,8 +21,9 @@ if TYPE_CHECKING:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("records", type=Path, metavar="RECORDS_DIR",
-                        help="records directory written by replay, capture or proxy")
+    parser.add_argument("records", metavar="RECORDS_DIR",
+                        help="records directory written by replay, capture or proxy, or an "
+                             "fsspec URL of one (s3://bucket/records)")
     parser.add_argument("--format", choices=("zeek", "csv"), required=True,
                         help="zeek: a conn.log (connections only); csv: any one table")
     parser.add_argument("-o", "--output", required=True, metavar="FILE",
@@ -37,6 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from observer.records import TABLES, read_table
     from observer.records.export import write_conn_log, write_csv, write_ssl_log
+    from observer.records.location import Location
 
     if args.table not in TABLES:
         raise ObserverError(f"unknown table {args.table!r}; known: {', '.join(TABLES)}")
@@ -45,9 +47,10 @@ def run(args: argparse.Namespace) -> int:
                             f"the {args.table} table")
     if args.ssl_log and args.format != "zeek":
         raise ObserverError("--ssl-log goes with --format zeek")
-    if not (args.records / "meta.json").is_file() and not (args.records / args.table).is_dir():
+    records = Location.of(args.records)
+    if not records.has("meta.json") and not records.has(args.table):
         raise ObserverError(f"{args.records} is not a records directory (no meta.json)")
-    frame = read_table(args.records, args.table)
+    frame = read_table(records, args.table)
     write = write_conn_log if args.format == "zeek" else write_csv
     if args.output == "-":
         write(frame, sys.stdout)

@@ -10,6 +10,11 @@ fingerprint of its content, and a file whose content is already there is skipped
 (whatever its name: a copy of a rotated capture, or its gzip, is the same file); --replace redoes
 it, and its earlier rows go in the same step.  The records change only when the whole replay is
 done: a full disk or an interrupted replay leaves them as they were.
+
+Capture files are decoded ahead in --jobs processes (default: the cores available), or on a
+Dask cluster (--dask: a local one of --workers processes, or a scheduler's address; one task per
+file).  Either way one tracker in this process takes the files in order, so the records are
+the same as with --jobs 1; only decoding runs in parallel (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -18,13 +23,15 @@ import argparse
 import sys
 from pathlib import Path
 
+from observer.commands import local_dir
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("files", nargs="+", type=Path, metavar="FILE",
                         help="capture files or logs, in time order for rotated captures; a "
                         "directory stands for the capture files under it in name order (as "
                         "`observer capture` rotates them), else for its Zeek logs or JSONL records")
-    parser.add_argument("-o", "--output", type=Path, required=True, metavar="RECORDS_DIR",
+    parser.add_argument("-o", "--output", type=local_dir, required=True, metavar="RECORDS_DIR",
                         help="records directory to write (Parquet, partitioned by device and day)")
     parser.add_argument("--config", type=Path, metavar="LAB_YAML",
                         help="lab config: device addresses, bin width, UDP idle timeout")
@@ -41,6 +48,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-j", "--jobs", type=int, metavar="N",
                         help="processes to read and decode capture files with, this one "
                         "included (default: the cores available); the records are the same")
+    parser.add_argument("--dask", nargs="?", const="local", metavar="ADDRESS",
+                        help="decode capture files on dask.distributed, one task per file: a "
+                        "local cluster, or the scheduler at ADDRESS (tcp://host:8786; its workers "
+                        "must see the files at the same paths)")
+    parser.add_argument("--workers", type=int, metavar="N",
+                        help="worker processes of the local Dask cluster (default: the cores "
+                        "available)")
     progress = parser.add_mutually_exclusive_group()
     progress.add_argument("--progress", dest="progress", action="store_true", default=None,
                           help="show a progress bar (default: only on a terminal)")
@@ -55,8 +69,14 @@ def run(args: argparse.Namespace) -> int:
     from observer.sources.pipeline import _expand, replay
     from observer.sources.workers import default_jobs
 
-    if args.jobs is not None and args.jobs < 1:
-        raise ObserverError("--jobs must be at least 1")
+    if any(n is not None and n < 1 for n in (args.jobs, args.workers)):
+        raise ObserverError("--jobs and --workers must be at least 1")
+    if args.jobs is not None and args.dask is not None:
+        raise ObserverError("--jobs and --dask exclude each other (--workers sizes a local "
+                            "Dask cluster)")
+    if args.workers is not None and args.dask != "local":
+        raise ObserverError("--workers sizes a local Dask cluster: use it with --dask and no "
+                            "address (a remote cluster has its own workers)")
     config = load_config(args.config) if args.config else None
     files: list[Path] = []
     errors: list[str] = []
@@ -82,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
                        command="replay") as records:
             stats = replay(plan.files, args.output, config=config, progress=args.progress,
                            udp_idle_s=args.udp_idle, bin_s=args.bin, run=records,
-                           jobs=args.jobs or default_jobs())
+                           jobs=args.jobs or args.workers or default_jobs(), dask=args.dask)
             records.sources = _sources(plan, records.sessions, stats.errors)
     except OSError as exc:
         raise ObserverError(f"cannot write {exc.filename or args.output}: {exc.strerror or exc}; "

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import IO
 
 from observer import ObserverError
+from observer.records.location import Location
 from observer.records.schema import SCHEMA_VERSION, TABLES
 
 MANIFEST = "manifest.json"
@@ -84,10 +85,11 @@ class Manifest:
     damaged: str | None = None  # why manifest.json could not be read (then every part counts)
 
     @classmethod
-    def load(cls, root: Path) -> Manifest:
-        path = Path(root) / MANIFEST
+    def load(cls, root: Path | Location) -> Manifest:
+        where = Location.of(root)
+        path = where.place(MANIFEST)
         try:
-            data = json.loads(path.read_bytes())
+            data = json.loads(where.read_bytes(MANIFEST))
             manifest = cls(runs=dict(data["runs"]), legacy=list(data["legacy"]),
                            sources=list(data["sources"]))
             if not all(isinstance(info.get("tables"), list) for info in manifest.runs.values()):
@@ -185,9 +187,9 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def part_files(root: Path, table: str) -> list[Path]:
+def part_files(root: Path | Location, table: str) -> list[Path]:
     """Every part file of a table on disk, visible or not, in path order."""
-    return sorted((Path(root) / table).glob("device=*/day=*/*.parquet"))
+    return Location.of(root).glob(f"{table}/device=*/day=*/*.parquet")
 
 
 def sweep(root: Path, manifest: Manifest) -> int:
@@ -227,19 +229,19 @@ def sweep(root: Path, manifest: Manifest) -> int:
     return removed
 
 
-def records_fingerprint(root: str | Path, tables: Iterable[str] | None = None) -> str:
+def records_fingerprint(root: str | Path | Location, tables: Iterable[str] | None = None) -> str:
     """A digest of what a records directory holds: the schema version and the name and size of
     every part that counts.  Parts are never changed in place and are named uniquely, so equal
     digests mean equal records; any replay, replace or overwrite changes it."""
-    root = Path(root)
-    manifest = Manifest.load(root)
+    where = Location.of(root)
+    manifest = Manifest.load(where)
     digest = hashlib.blake2b(f"schema {SCHEMA_VERSION}\n".encode(), digest_size=16)
     for table in sorted(TABLES if tables is None else tables):
-        for part in part_files(root, table):
+        for part in part_files(where, table):
             if manifest.visible(table, part.name):
                 with contextlib.suppress(FileNotFoundError):
-                    size = part.stat().st_size
-                    digest.update(f"{part.relative_to(root).as_posix()} {size}\n".encode())
+                    size = where.size(part)
+                    digest.update(f"{part.relative_to(where.root).as_posix()} {size}\n".encode())
     return "blake2b:" + digest.hexdigest()
 
 

@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from observer import ObserverError
+from observer.records.location import Location
 from observer.records.manifest import (
     Manifest,
     fsync_dir,
@@ -66,11 +67,12 @@ def device_name(directory: str) -> str:
     return urllib.parse.unquote(directory.removeprefix("device="))
 
 
-def _meta_problem(root: Path) -> str | None:
+def _meta_problem(root: Path | Location) -> str | None:
     """Refuse records of another schema version; describe a meta.json that cannot be read."""
-    meta = root / META
+    where = Location.of(root)
+    meta = where.place(META)
     try:
-        version = json.loads(meta.read_bytes())["schema_version"]
+        version = json.loads(where.read_bytes(META))["schema_version"]
     except FileNotFoundError:
         return None
     except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -148,8 +150,9 @@ class RecordRun:
         if table == "sessions":
             self.sessions.append(df)
         seconds = df[TIME_COLUMN[table]].to_numpy(dtype="float64", na_value=np.nan)
-        days = np.floor(seconds / 86400).astype("datetime64[D]").astype(str)
-        days = np.where(np.isnan(seconds), "unknown", days)
+        days, inverse = np.unique(np.floor(seconds / 86400), return_inverse=True)  # text per day
+        days = np.where(np.isnan(days), "unknown", days.astype("datetime64[D]").astype(str))
+        days = days[inverse.ravel()]
         if "device" in df.columns:
             df["device"] = df["device"].fillna("unknown")
             devices = df["device"].to_numpy(object)
@@ -295,29 +298,31 @@ def write_table(root: str | Path, table: str, df: pd.DataFrame, *, overwrite: bo
         return run.write(table, df)
 
 
-def partitions(root: str | Path, table: str) -> list[Path]:
+def partitions(root: str | Path | Location, table: str) -> list[Path]:
     """The partition directories of a table that hold records, sorted by device then day."""
-    manifest = Manifest.load(Path(root))
-    return sorted({p.parent for p in part_files(root, table) if manifest.visible(table, p.name)})
+    where = Location.of(root)
+    manifest = Manifest.load(where)
+    return sorted({p.parent for p in part_files(where, table) if manifest.visible(table, p.name)})
 
 
-def _read(root: Path, table: str, devices: list[str] | None, manifest: Manifest,
+def _read(root: Location, table: str, devices: list[str] | None, manifest: Manifest,
           problems: list[str]) -> pd.DataFrame:
     if table not in TABLES:
         raise ObserverError(f"unknown record table {table!r}")
     files = [f for f in part_files(root, table) if manifest.visible(table, f.name)]
-    if devices is not None:
-        wanted = {device_dir(d) for d in devices}
-        files = [f for f in files if f.parent.parent.name in wanted]
+    if devices is not None:  # by directory, or by name for directories of earlier versions
+        dirs, names = {device_dir(d) for d in devices}, set(devices)
+        files = [f for f in files
+                 if f.parent.parent.name in dirs or device_name(f.parent.parent.name) in names]
     frames = []
     for f in files:
         try:
-            part = pq.ParquetFile(f).read().to_pandas()
+            part = root.parquet(f).read().to_pandas()
         except FileNotFoundError:
             continue  # replaced since it was listed
         except (OSError, pa.ArrowException, ValueError) as exc:
             reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
-            problems.append(f"{f.relative_to(root)}: {reason}")
+            problems.append(f"{f.relative_to(root.root)}: {reason}")
             continue
         if "device" in TABLES[table] and ("device" not in part.columns
                                           or part["device"].isna().all()):  # older parts
@@ -332,7 +337,7 @@ def _read(root: Path, table: str, devices: list[str] | None, manifest: Manifest,
         return empty(table)
 
 
-def _open(root: Path, problems: list[str]) -> Manifest:
+def _open(root: Location, problems: list[str]) -> Manifest:
     if not root.exists():
         raise ObserverError(f"records directory {root} does not exist")
     problem = _meta_problem(root)
@@ -344,7 +349,7 @@ def _open(root: Path, problems: list[str]) -> Manifest:
     return manifest
 
 
-def _report(root: Path, problems: list[str], sink: list[str] | None) -> None:
+def _report(root: Location, problems: list[str], sink: list[str] | None) -> None:
     if sink is not None:
         sink.extend(problems)
     elif problems:
@@ -353,11 +358,12 @@ def _report(root: Path, problems: list[str], sink: list[str] | None) -> None:
               f"{problems[0]}{more}", file=sys.stderr)
 
 
-def read_table(root: str | Path, table: str, *, devices: list[str] | None = None,
+def read_table(root: str | Path | Location, table: str, *, devices: list[str] | None = None,
                problems: list[str] | None = None) -> pd.DataFrame:
     """Read a whole table (optionally some devices only) as a schema-conformed frame.  Parts that
-    cannot be read are skipped: listed in ``problems`` if given, else one warning line."""
-    root = Path(root)
+    cannot be read are skipped: listed in ``problems`` if given, else one warning line.  ``root``
+    is a local directory or an fsspec URL (``observer.records.location``)."""
+    root = Location.of(root)
     found: list[str] = []
     manifest = _open(root, found)
     frame = _read(root, table, devices, manifest, found)
@@ -365,9 +371,10 @@ def read_table(root: str | Path, table: str, *, devices: list[str] | None = None
     return frame
 
 
-def read_records(root: str | Path, *, problems: list[str] | None = None) -> dict[str, pd.DataFrame]:
+def read_records(root: str | Path | Location, *,
+                 problems: list[str] | None = None) -> dict[str, pd.DataFrame]:
     """Every table of a records directory (unreadable parts as in ``read_table``)."""
-    root = Path(root)
+    root = Location.of(root)
     found: list[str] = []
     manifest = _open(root, found)
     tables = {table: _read(root, table, None, manifest, found) for table in TABLES}

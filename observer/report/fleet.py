@@ -2,7 +2,9 @@
 
 The index has one line per device (its answer, its largest schedule, its coverage) linking to the
 device's own report; fleet.json holds the same for scripts.  Everything comes from the findings
-(observer.records.findings) and the records, like the single report.
+(observer.records.findings) and the records, like the single report.  ``device_records`` reads the
+records one device at a time (they are partitioned by device), so a fleet's report needs the
+memory of its largest device, not of the fleet.
 """
 
 from __future__ import annotations
@@ -10,13 +12,16 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 
 import pandas as pd
 
 from observer import ObserverError, __version__, words
+from observer.records import TABLES, device_name, partitions, read_table
 from observer.records.findings import Finding, Findings
+from observer.records.location import Location
 from observer.report.text import clip
 from observer.report.writer import TITLE_WIDTH, render_html, write_report
 
@@ -43,6 +48,20 @@ def records_of(records: dict[str, pd.DataFrame], device: str) -> dict[str, pd.Da
             mine |= df["device"].isna() | (df["device"] == "unknown")
         out[table] = df[mine]
     return out
+
+
+def device_records(root: str | Path | Location,
+                   problems: list[str]) -> Iterator[dict[str, pd.DataFrame]]:
+    """Each device's tables in turn, read from its own partitions only (with the sessions kept
+    for no one device, and the tables without a device column, as ``records_of`` gives them)."""
+    root = Location.of(root)
+    shared = {table: read_table(root, table, problems=problems)
+              for table, columns in TABLES.items() if "device" not in columns}
+    for device in sorted({device_name(p.parent.name) for p in partitions(root, "connections")}):
+        yield {table: shared[table] if table in shared else read_table(
+                   root, table, devices=[device, "unknown"] if table == "sessions" else [device],
+                   problems=problems)
+               for table in TABLES}
 
 
 def device_dir(device: str) -> str:
@@ -91,15 +110,21 @@ def summary(device: str, findings: Findings, report: str) -> dict:
     }
 
 
-def write_fleet(records: dict[str, pd.DataFrame], findings: Findings, out_dir: Path) -> Path:
-    """A report per device under ``out_dir/<device>/``, then index.html and fleet.json."""
+def write_fleet(records: dict[str, pd.DataFrame] | Iterable[dict[str, pd.DataFrame]],
+                findings: Findings, out_dir: Path) -> Path:
+    """A report per device under ``out_dir/<device>/``, then index.html and fleet.json.
+    ``records``: every device's tables, or tables of a device (or a few) at a time, in turn
+    (``device_records``)."""
     out_dir = Path(out_dir)
     lines = []
-    for device in devices(records):
-        folder = device_dir(device)
-        mine = findings.for_device(device)
-        write_report(records_of(records, device), mine, out_dir / folder)
-        lines.append(summary(device, mine, f"{folder}/report.html"))
+    for group in [records] if isinstance(records, dict) else records:
+        for device in devices(group):
+            folder = device_dir(device)
+            mine = findings.for_device(device)
+            write_report(records_of(group, device), mine, out_dir / folder)
+            lines.append(summary(device, mine, f"{folder}/report.html"))
+        del group  # before the next device's records are read
+    lines.sort(key=lambda line: line["device"])
     fleet = {
         "schema_version": FLEET_VERSION,
         "timezone": findings.timezone,

@@ -539,8 +539,9 @@ class Tracker:
         self.issue(np.unique(at))
         for start in range(0, rows.shape[1], size):
             part, local = rows[:, start : start + size], at[start : start + size]
+            uniq, inverse = np.unique(local, return_inverse=True)  # an id text per connection
             yield pd.DataFrame({
-                "conn_id": self.id_text(local), "device": self._device(local),
+                "conn_id": self.id_text(uniq)[inverse.ravel()], "device": self._device(local),
                 "ts_bin": part[1] * self.bin_s, "bin_s": float(self.bin_s),
                 "bytes_up": part[2], "bytes_down": part[3],
                 "packets_up": part[4], "packets_down": part[5],

@@ -381,11 +381,13 @@ def client_hello_names(hello: bytes) -> tuple[str | None, str | None]:
         end = min(len(hello), pos + 2 + int.from_bytes(hello[pos : pos + 2], "big"))
         pos += 2
         name = alpn = None
-        while pos + 4 <= end:
-            kind = int.from_bytes(hello[pos : pos + 2], "big")
-            size = int.from_bytes(hello[pos + 2 : pos + 4], "big")
-            ext = hello[pos + 4 : pos + 4 + size]
+        while pos + 4 <= end:  # only the two extensions wanted are copied out
+            kind = hello[pos] << 8 | hello[pos + 1]
+            size = hello[pos + 2] << 8 | hello[pos + 3]
             pos += 4 + size
+            if kind not in (0, 16):
+                continue
+            ext = hello[pos - size : pos]
             if kind == 0 and len(ext) >= 5 and ext[2] == 0:
                 n = int.from_bytes(ext[3:5], "big")
                 name = ext[5 : 5 + n].decode("ascii", "replace").lower()

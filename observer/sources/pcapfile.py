@@ -181,34 +181,41 @@ class Batches:
         snaplen, network = struct.unpack_from(order + "II", filler.raw, 16)
         linktype = network & 0x03FFFFFF
         limit = max(262144, min(snaplen, MAX_RECORD))
-        caplen_at = struct.Struct(order + "I").unpack_from
+        caplen_at = struct.Struct(order + "8xI").unpack_from  # a record header's caplen
         pos = 24
         while True:
             raw, end = filler.raw, filler.end
-            window = min(end, pos + BATCH_BYTES)  # bounds the batch; raw has PAD bytes past end
+            # bounds the batch (raw has PAD bytes past end); a record larger than a batch (a
+            # snap length over BATCH_BYTES) is a batch of its own
+            window = min(end, max(pos + BATCH_BYTES, pos + hdr + caplen_at(raw, pos)[0]))
+            last = window - hdr  # a record at off fits while off + caplen <= last
             offs: list[int] = []
             add = offs.append
             off = pos
-            while True:
-                nxt = off + hdr + caplen_at(raw, off + 8)[0]
-                if nxt > window:
+            while True:  # the one Python loop per packet: kept to the fewest operations
+                nxt = off + caplen_at(raw, off)[0]
+                if nxt > last:
                     break
                 add(off)
-                off = nxt
+                off = nxt + hdr
+            nxt += hdr
             if offs:
                 buf = np.frombuffer(raw, np.uint8)
-                u32 = words(buf, order + "u4")
                 idx = np.asarray(offs, np.int64)
-                caplen = u32[idx + 8].astype(np.int64)
+                # the 16 header bytes of every record in one gather (four gathers of one field
+                # each cost ~7x more), then its fields
+                head = np.ndarray((buf.size - 15,), "V16", buf, 0, (1,))[idx].view(order + "u4")
+                head = head.reshape(-1, 4)
+                caplen = head[:, 2].astype(np.int64)
                 bad = np.flatnonzero(caplen > limit)
                 if bad.size:
                     b = int(bad[0])
-                    idx, caplen = idx[:b], caplen[:b]
-                    self.fail(filler.start + offs[b], f"absurd record length {u32[offs[b] + 8]}")
+                    self.fail(filler.start + offs[b], f"absurd record length {caplen[b]}")
+                    idx, caplen, head = idx[:b], caplen[:b], head[:b]
                 if idx.size:
                     self.packets += idx.size
-                    ts = u32[idx] + u32[idx + 4] * unit
-                    yield Batch(buf, idx + hdr, caplen, u32[idx + 12].astype(np.int64), ts,
+                    ts = head[:, 0] + head[:, 1] * unit
+                    yield Batch(buf, idx + hdr, caplen, head[:, 3].astype(np.int64), ts,
                                 np.full(idx.size, linktype, np.int64))
                 if self.error:
                     return
@@ -221,7 +228,7 @@ class Batches:
                         self._truncated(filler, off, "truncated record header")
                     return
             else:
-                caplen = caplen_at(raw, off + 8)[0]
+                caplen = caplen_at(raw, off)[0]
                 if caplen > limit:
                     self.fail(filler.start + off, f"absurd record length {caplen}")
                     return

@@ -8,6 +8,8 @@ files still run.
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import hashlib
 import sys
 import time
@@ -29,10 +31,30 @@ from observer.sources.decode import link_name
 from observer.sources.engine import FlowEngine, FlowSettings
 from observer.sources.formats import format_for, is_packets, names
 from observer.sources.pcapfile import gunzip_head, kind_of
-from observer.sources.workers import Decoders, FileEnd, Step
+from observer.sources.workers import DaskDecoders, Decoders, FileEnd, Step
 
 if TYPE_CHECKING:
     from observer.config import LabConfig
+
+
+def _tune_process() -> None:
+    """Two process settings that cost a replay CPU time for nothing (docs/performance.md); set
+    when a replay starts, not at import, so a process that only imports this module keeps its own.
+
+    What numpy, pandas and pyarrow leave at import lives as long as the process: keep it out of
+    the cyclic collector, whose passes over it at interpreter exit cost ~0.07 CPU-s.  glibc gives
+    freed heap back to the system once a few batch-sized arrays are free at its top, and the next
+    batch faults the same pages in again (~40k page faults for 2M packets, ~0.08 CPU-s of kernel
+    time): keep up to 128 MB of it (peak RSS ~8 MB higher, still flat).  Other C libraries: as
+    they are.
+    """
+    gc.freeze()
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    for option, value in ((-1, 128 << 20), (-2, 16 << 20), (-3, 32 << 20)):  # glibc's
+        mallopt(option, value)  # M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD
 
 HEAD_BYTES = 4096
 CHECK_BATCHES = 4  # look for finished connections every this many batches (<= 8 MB each)
@@ -112,14 +134,16 @@ class Replay:
     "Now" is the latest packet time of the file being read, so files given out of time order do
     not close each other's flows.  With ``jobs`` > 1, capture files are read and decoded by
     ``jobs`` - 1 worker processes ahead of this one (``observer.sources.workers``); tracking stays
-    here, in file order, so the records are the same.
+    here, in file order, so the records are the same.  With ``dask`` (a scheduler's address, or
+    "local" for a LocalCluster of ``jobs`` workers) they are decoded on that cluster instead.
     """
 
     def __init__(self, config: LabConfig | None, sink: Callable[[str, pd.DataFrame], None], *,
                  udp_idle_s: float | None, bin_s: float | None, progress: bool | None,
-                 jobs: int = 1) -> None:
+                 jobs: int = 1, dask: str | None = None) -> None:
         self.config = config
         self.jobs = jobs
+        self.dask = dask
         self.sink = sink
         self.engine = FlowEngine(FlowSettings.of(config, bin_s=bin_s, udp_idle_s=udp_idle_s),
                                  self._send, devices=DeviceMap.from_config(config))
@@ -129,9 +153,9 @@ class Replay:
         self._bar = None
         self._batches = 0
         self._sent: set[str] = set()
-        self._decoders: Decoders | None = None
+        self._decoders: Decoders | DaskDecoders | None = None
 
-    def _start_workers(self, files: list[Path | ObserverError]) -> Decoders | None:
+    def _start_workers(self, files: list[Path | ObserverError]) -> Decoders | DaskDecoders | None:
         """Workers for the capture files among ``files`` (none if there are none)."""
         captures = []
         for file in files:
@@ -143,6 +167,8 @@ class Replay:
                 captures.append((file, module.__name__))
         if not captures:
             return None
+        if self.dask is not None:
+            return DaskDecoders(captures, self.config, self.engine.settings, self.dask, self.jobs)
         return Decoders(captures, self.config, self.engine.settings, self.jobs - 1)
 
     def read(self, paths: list[Path]) -> None:
@@ -160,7 +186,7 @@ class Replay:
 
             self._bar = tqdm(unit=" pkt", unit_scale=True, desc="replay", file=sys.stderr)
         try:
-            if self.jobs > 1:
+            if self.jobs > 1 or self.dask is not None:
                 self._decoders = self._start_workers(files)
             for number, file in enumerate(files, 1):
                 self.stats.files += 1
@@ -265,11 +291,11 @@ class Replay:
 def replay_tables(paths: list[Path], *, config: LabConfig | None = None,
                   udp_idle_s: float | None = None, bin_s: float | None = None,
                   progress: bool | None = False, stats: ReplayStats | None = None,
-                  jobs: int = 1) -> dict[str, pd.DataFrame]:
+                  jobs: int = 1, dask: str | None = None) -> dict[str, pd.DataFrame]:
     """Replay files into schema tables (connections, activity, dns, sessions, and imported ones)."""
     parts: dict[str, list[pd.DataFrame]] = {}
     run = Replay(config, lambda name, frame: parts.setdefault(name, []).append(frame),
-                 udp_idle_s=udp_idle_s, bin_s=bin_s, progress=progress, jobs=jobs)
+                 udp_idle_s=udp_idle_s, bin_s=bin_s, progress=progress, jobs=jobs, dask=dask)
     run.read(list(paths))
     tables = {name: conform(name, pd.concat([f for f in frames if len(f)] or frames[:1],
                                             ignore_index=True))
@@ -293,7 +319,7 @@ def _by_days(frame: pd.DataFrame, column: str) -> Iterator[pd.DataFrame]:
 def replay(paths: list[Path], out_dir: Path, *, config: LabConfig | None = None,
            overwrite: bool = False, progress: bool | None = None,
            udp_idle_s: float | None = None, bin_s: float | None = None,
-           run: RecordRun | None = None, jobs: int = 1) -> ReplayStats:
+           run: RecordRun | None = None, jobs: int = 1, dask: str | None = None) -> ReplayStats:
     """Replay files and write their records under ``out_dir`` as they are finished (Parquet
     part files); errors are in the stats.  The records count once the whole replay is done: in
     ``run`` (a transaction the caller commits) or in one of its own.  ``jobs`` > 1: decode in
@@ -301,7 +327,8 @@ def replay(paths: list[Path], out_dir: Path, *, config: LabConfig | None = None,
     if run is None:
         with RecordRun(out_dir, overwrite=overwrite, command="replay") as own:
             return replay(paths, out_dir, config=config, progress=progress,
-                          udp_idle_s=udp_idle_s, bin_s=bin_s, run=own, jobs=jobs)
+                          udp_idle_s=udp_idle_s, bin_s=bin_s, run=own, jobs=jobs, dask=dask)
+    _tune_process()
     rows: dict[str, int] = {}
     pool = pa.default_memory_pool()
 
@@ -312,7 +339,7 @@ def replay(paths: list[Path], out_dir: Path, *, config: LabConfig | None = None,
             pool.release_unused()  # Arrow keeps freed buffers; without this the peak grows
 
     replaying = Replay(config, write, udp_idle_s=udp_idle_s, bin_s=bin_s, progress=progress,
-                       jobs=jobs)
+                       jobs=jobs, dask=dask)
     replaying.read(list(paths))
     replaying.stats.rows = rows
     return replaying.stats

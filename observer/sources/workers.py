@@ -7,6 +7,9 @@ parent, and hand each decoded batch over in a shared-memory slot that both map. 
 feeds them to its flow engine in file order, so connections, names and bins are the same as in
 one process by construction.  The one cross-file fact a worker cannot know: IP fragments left
 waiting at the end of the previous file; a file that starts with some is decoded by the parent.
+
+``DaskDecoders`` is the same design on a dask.distributed cluster (``observer replay --dask``):
+one task per file decodes it whole and returns its batches; the parent tracks them in file order.
 """
 
 from __future__ import annotations
@@ -91,15 +94,7 @@ class _Slots:
     def put(self, out, back, pk: Packets, protected: list, lo, hi, count: int) -> None:
         """Copy the batch's arrays into a free slot (waiting for the parent to give one back)
         and queue its layout.  ``buf`` shrinks to the bytes the payload offsets point into."""
-        arrays = {f.name: getattr(pk, f.name) for f in fields(Packets)}
-        has = arrays["data"] >= 0
-        if has.any():
-            first = int(arrays["data"][has].min())
-            stop = int((arrays["data"][has] + arrays["captured"][has]).max())
-            arrays["data"] = np.where(has, arrays["data"] - first, -1)
-            arrays["buf"] = arrays["buf"][first : min(arrays["buf"].size, stop + PAD)]
-        else:
-            arrays["buf"] = arrays["buf"][:PAD]
+        arrays = _compact(pk)
         layout, size, extra = [], 0, {}
         for name, value in arrays.items():
             if isinstance(value, np.ndarray) and value.dtype != object:
@@ -128,6 +123,20 @@ class _Slots:
     def remove(self) -> None:
         for path in SHM_DIR.glob(self.prefix + "-*"):
             path.unlink(missing_ok=True)
+
+
+def _compact(pk: Packets) -> dict:
+    """The batch's fields, ``buf`` cut to the bytes the payload offsets point into (a view)."""
+    arrays = {f.name: getattr(pk, f.name) for f in fields(Packets)}
+    has = arrays["data"] >= 0
+    if has.any():
+        first = int(arrays["data"][has].min())
+        stop = int((arrays["data"][has] + arrays["captured"][has]).max())
+        arrays["data"] = np.where(has, arrays["data"] - first, -1)
+        arrays["buf"] = arrays["buf"][first : min(arrays["buf"].size, stop + PAD)]
+    else:
+        arrays["buf"] = arrays["buf"][:PAD]
+    return arrays
 
 
 class _Orphaned(Exception):
@@ -302,3 +311,121 @@ class Decoders:
         for left in SHM_DIR.glob(self.prefix + "-*"):
             left.unlink(missing_ok=True)
         self.maps.clear()
+
+
+@dataclass
+class Decoded:
+    """A file decoded whole by a Dask task: its batches (with their 802.11 rows and Step), then
+    its FileEnd, or the one-line error that stopped it after those batches."""
+
+    batches: list[tuple[Packets, list, Step]]
+    end: FileEnd | None
+    error: str | None
+
+
+def decode_file(path: str, shown: str, module: str, config: LabConfig | None,
+                settings: FlowSettings) -> Decoded:
+    """A Dask task: read and decode one capture file (a fresh decoder, as a worker process
+    starts each file).  ``path`` is absolute (a worker's directory is not ours); messages name
+    the file as the user gave it (``shown``).  ``buf`` is copied out of the reader's buffer."""
+    decoder = Decoder(tunnel_depth=settings.tunnel_depth, checksums=settings.checksums,
+                      cut_headers=settings.cut_headers)
+    done: list[tuple[Packets, list, Step]] = []
+    try:
+        batches = importlib.import_module(module).read(Path(path), config)
+        for batch in batches:
+            count = batch.ts.size
+            step = Step(float(batch.ts.min()) if count else None,
+                        float(batch.ts.max()) if count else None, count)
+            arrays = _compact(decoder.decode(batch))
+            arrays["buf"] = arrays["buf"].copy()
+            protected, decoder._protected = decoder._protected, []
+            done.append((Packets(**arrays), protected, step))
+        error = batches.error and batches.error.replace(path, shown)
+        end = FileEnd(batches.packets, Counter(batches.skipped), error,
+                      Counter(decoder.skipped), Counter(decoder.unsupported), decoder.fragments)
+        return Decoded(done, end, None)
+    except ObserverError as exc:
+        return Decoded(done, None, str(exc).replace(path, shown))
+
+
+class DaskDecoders:
+    """Capture files decoded on a dask.distributed cluster, one task per file, tracked here in
+    file order (``Decoders``' interface).  ``address``: a scheduler's, or "local" for a
+    LocalCluster of ``workers`` single-threaded processes.  At most AHEAD_PER_WORKER files per
+    worker are decoded and not yet tracked (the workers hold their results until then)."""
+
+    AHEAD_PER_WORKER = 2
+
+    def __init__(self, files: list[tuple[Path, str]], config: LabConfig | None,
+                 settings: FlowSettings, address: str, workers: int | None) -> None:
+        try:
+            from distributed import Client, LocalCluster
+        except ImportError:
+            raise ObserverError("--dask needs dask.distributed: "
+                                "pip install 'telemetry-observer[dask]'") from None
+        self.cluster = None
+        if address == "local":
+            self.cluster = LocalCluster(n_workers=workers or default_jobs(), threads_per_worker=1,
+                                        processes=True, dashboard_address=None)
+        try:
+            self.client = Client(self.cluster or address, timeout="20s")
+        except OSError as exc:  # no scheduler at that address
+            self.close()
+            raise ObserverError(f"Dask scheduler {address}: {exc}") from None
+        self.files = [(str(Path(p).absolute()), str(p), m) for p, m in files]
+        self.job = (config, settings)
+        self.index: dict[Path, list[int]] = {}
+        for i, (p, _) in enumerate(files):
+            self.index.setdefault(Path(p), []).append(i)
+        cores = sum(self.client.nthreads().values()) or 1
+        self.ahead = self.AHEAD_PER_WORKER * cores
+        self.futures: dict[int, object] = {}
+        self.submitted = 0
+
+    def _future(self, i: int):
+        """File ``i``'s task, submitting the tasks up to ``ahead`` files beyond it."""
+        while self.submitted < min(len(self.files), i + self.ahead):
+            self.futures[self.submitted] = self.client.submit(
+                decode_file, *self.files[self.submitted], *self.job, pure=False)
+            self.submitted += 1
+        return self.futures.pop(i)
+
+    def feed(self, path: Path, engine: FlowEngine,
+             local: Callable[[], Iterator[Step | FileEnd]]) -> Iterator[Step | FileEnd]:
+        """As ``Decoders.feed``: the file's batches to ``engine``, a Step each, then its FileEnd."""
+        future = self._future(self.index[Path(path)].pop(0))
+        decoder = engine.decoder
+        if decoder.fragments:  # decoded without the fragments waiting from the file before
+            future.cancel()
+            yield from local()
+            return
+        try:
+            decoded: Decoded = future.result()
+        except Exception as exc:  # a worker lost, the scheduler gone: one line
+            raise ObserverError(f"{path}: Dask task failed: {type(exc).__name__}: {exc}") from None
+        del future
+        batches = decoded.batches[::-1]
+        decoded.batches.clear()
+        while batches:  # each batch dropped once tracked
+            pk, protected, step = batches.pop()
+            decoder._protected.extend(protected)
+            engine.track(pk, step.hi)
+            yield step
+        if decoded.error is not None:
+            raise ObserverError(decoded.error)
+        end = decoded.end
+        decoder.skipped.update(end.decoder_skipped)
+        decoder.unsupported.update(end.unsupported)
+        decoder.fragments = end.fragments
+        yield end
+
+    def close(self) -> None:
+        """Cancel what is left, and stop a local cluster."""
+        client = getattr(self, "client", None)
+        if client is not None:
+            client.cancel(list(self.futures.values()))
+            self.futures.clear()
+            client.close()
+        if self.cluster is not None:
+            self.cluster.close()
