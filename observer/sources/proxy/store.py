@@ -90,7 +90,13 @@ class RecordStore:
         self.write("connections", rec.row())
 
     def tick(self, now: float) -> None:
-        """Write the finished bins of open connections; every checkpoint, their partial rows."""
+        """Write the finished bins of open connections; every checkpoint, their partial rows.
+        A write the JSONL writer could not make since the last tick is raised here (the hook
+        that calls this counts and logs it)."""
+        if self.writer is not None and self.writer.error is not None:
+            error, self.writer.error = self.writer.error, None
+            raise OSError(error.errno, f"records not written ({self.writer.lost} rows so far): "
+                          f"{error.strerror or error}")
         checkpoint = now - self._last_checkpoint >= self.checkpoint_s
         for rec in list(self.open_conns.values()):
             self.write_bins(rec, now)
