@@ -21,10 +21,10 @@ PHONES, DAYS = 10, 30
 N_SIM = 100  # the null's Monte Carlo runs: equal in both paths, few for speed
 
 
-def quiet_fleet():
+def quiet_fleet(phones: int = PHONES, days: int = DAYS):
     """The simulator's fleet with few connections a day: its scheduled jobs (1 MB each), a few
     messages, no chat, no telemetry, no 15-minute heartbeat; one pcap file."""
-    scenario = replace(fleet_scenario(phones=PHONES, days=DAYS, seed=1), rotate_s=0.0)
+    scenario = replace(fleet_scenario(phones=phones, days=days, seed=1), rotate_s=0.0)
     phones = tuple(
         replace(phone, chat=replace(phone.chat, enabled=False),
                 activity=replace(phone.activity, messages_per_day=2, media_per_day=1,

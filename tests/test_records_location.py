@@ -7,16 +7,16 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from test_analysis_scale import quiet_fleet
 
 from observer.analysis import read_findings, records_stamp
 from observer.cli import main
 from observer.records import read_records
 from observer.records.location import Location, is_url
-from observer.simulate import fleet_scenario, simulate
+from observer.simulate import simulate
 
 fsspec = pytest.importorskip("fsspec")
 
@@ -29,15 +29,7 @@ def fleet(tmp_path_factory):
     """A quiet 3-phone fleet (its scheduled jobs and a few messages), 5 days, one pcap."""
     from observer.sources import replay
 
-    scenario = replace(fleet_scenario(phones=PHONES, days=DAYS, seed=1), rotate_s=0.0)
-    phones = tuple(
-        replace(phone, chat=replace(phone.chat, enabled=False),
-                activity=replace(phone.activity, messages_per_day=2, media_per_day=1,
-                                 telemetry_interval_s=0, quic_per_day=0),
-                jobs=tuple(replace(job, size_bytes=min(job.size_bytes, 1_000_000))
-                           for job in phone.jobs if job.name != "heartbeat"))
-        for phone in scenario.phones)
-    scenario = replace(scenario, phones=phones)
+    scenario = quiet_fleet(PHONES, DAYS)
     out = tmp_path_factory.mktemp("loc")
     simulate(scenario, out / "fleet.pcap", progress=False)
     replay([out / "fleet.pcap"], out / "records", config=scenario.lab_config(), progress=False)

@@ -748,17 +748,23 @@ def test_jobs_replay_a_rotated_capture_into_the_same_records(tmp_path, capsys):
         pd.testing.assert_frame_equal(a, b)
 
 
-def test_jobs_keep_fragments_that_span_files_and_errors_per_file(tmp_path):
+def files_across_boundaries(directory: Path) -> list[Path]:
+    """Rotated files with the cases a parallel reader must keep: IP fragments waiting across a
+    file boundary (a-0 -> a-1), a missing file, a truncated one (a-3), a file given twice."""
     datagram = IP(src=CLIENT, dst=SERVER, id=78) / UDP(sport=5001, dport=4433) / Raw(b"x" * 3000)
     frags = fragment(datagram, fragsize=1000)
     for i, p in enumerate(frags):
         p.time = T0 + i
-    first = write(tmp_path / "a-0.pcap", frags[:2], linktype=101)
-    second = write(tmp_path / "a-1.pcap", [*frags[2:], *tcp_conv(t0=T0 + 10)], linktype=101)
-    third = write(tmp_path / "a-2.pcap", tcp_conv(cport=40100, t0=T0 + 20), linktype=101)
-    cut = tmp_path / "a-3.pcap"
+    first = write(directory / "a-0.pcap", frags[:2], linktype=101)
+    second = write(directory / "a-1.pcap", [*frags[2:], *tcp_conv(t0=T0 + 10)], linktype=101)
+    third = write(directory / "a-2.pcap", tcp_conv(cport=40100, t0=T0 + 20), linktype=101)
+    cut = directory / "a-3.pcap"
     cut.write_bytes(third.read_bytes()[:-5])
-    paths = [first, second, tmp_path / "missing.pcap", third, cut, third]
+    return [first, second, directory / "missing.pcap", third, cut, third]
+
+
+def test_jobs_keep_fragments_that_span_files_and_errors_per_file(tmp_path):
+    paths = files_across_boundaries(tmp_path)
     runs = []
     for jobs in (1, 2, 3):
         stats = ReplayStats()

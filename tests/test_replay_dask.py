@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
-from scapy.layers.inet import IP, UDP, fragment
-from scapy.packet import Raw
-from test_replay import CLIENT, SERVER, T0, only, tcp_conv, write
+from test_replay import files_across_boundaries, only, tcp_conv, write
 
 from observer.cli import main
 from observer.records import read_table
@@ -58,16 +56,7 @@ def test_dask_keeps_fragments_across_files_and_errors_per_file(tmp_path, monkeyp
         yield from real_feed(self, path, engine, local)
 
     monkeypatch.setattr(DaskDecoders, "feed", feed)
-    datagram = IP(src=CLIENT, dst=SERVER, id=78) / UDP(sport=5001, dport=4433) / Raw(b"x" * 3000)
-    frags = fragment(datagram, fragsize=1000)
-    for i, p in enumerate(frags):
-        p.time = T0 + i
-    first = write(tmp_path / "a-0.pcap", frags[:2], linktype=101)
-    second = write(tmp_path / "a-1.pcap", [*frags[2:], *tcp_conv(t0=T0 + 10)], linktype=101)
-    third = write(tmp_path / "a-2.pcap", tcp_conv(cport=40100, t0=T0 + 20), linktype=101)
-    cut = tmp_path / "a-3.pcap"
-    cut.write_bytes(third.read_bytes()[:-5])
-    paths = [first, second, tmp_path / "missing.pcap", third, cut, third]
+    paths = files_across_boundaries(tmp_path)
     runs = []
     for options in ({"jobs": 1}, {"jobs": 2, "dask": "local"}):
         stats = ReplayStats()

@@ -25,6 +25,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from observer.commands import add_dask_arguments
+
 VERDICT_MARK = {"periodic bulk upload": "!!", "periodic heartbeat": "~", "irregular uploads": "+"}
 
 
@@ -42,13 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the null simulations")
     parser.add_argument("--jobs", type=int, default=1, metavar="N",
                         help="analyse devices in N processes on this machine (default 1)")
-    parser.add_argument("--dask", nargs="?", const="local", metavar="ADDRESS",
-                        help="analyse devices on dask.distributed: a local cluster, or the "
-                             "scheduler at ADDRESS (tcp://host:8786; its workers must see "
-                             "RECORDS_DIR at the same path or URL)")
-    parser.add_argument("--workers", type=int, metavar="N",
-                        help="worker processes of the local Dask cluster (default: the cores "
-                             "available)")
+    add_dask_arguments(parser, "analyse devices", "RECORDS_DIR at the same path or URL")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -23,7 +23,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from observer.commands import local_dir
+from observer.commands import add_dask_arguments, local_dir
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -48,13 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-j", "--jobs", type=int, metavar="N",
                         help="processes to read and decode capture files with, this one "
                         "included (default: the cores available); the records are the same")
-    parser.add_argument("--dask", nargs="?", const="local", metavar="ADDRESS",
-                        help="decode capture files on dask.distributed, one task per file: a "
-                        "local cluster, or the scheduler at ADDRESS (tcp://host:8786; its workers "
-                        "must see the files at the same paths)")
-    parser.add_argument("--workers", type=int, metavar="N",
-                        help="worker processes of the local Dask cluster (default: the cores "
-                        "available)")
+    add_dask_arguments(parser, "decode capture files, one task per file,",
+                       "the files at the same paths")
     progress = parser.add_mutually_exclusive_group()
     progress.add_argument("--progress", dest="progress", action="store_true", default=None,
                           help="show a progress bar (default: only on a terminal)")
