@@ -314,10 +314,14 @@ def run_workloads(m: Mitmdump, ports: dict[str, int], args: argparse.Namespace,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=21,
+                        help="rounds per configuration (default 21: runs of 11 still scatter by "
+                        "2-3 points; about 4 minutes)")
     parser.add_argument("--connections", type=int, default=200)
     parser.add_argument("--requests", type=int, default=2000)
-    parser.add_argument("--upload-mb", type=int, default=200)
+    parser.add_argument("--upload-mb", type=int, default=1000,
+                        help="MB of the passthrough upload (default 1000: a shorter one is a "
+                        "CPU measure of under a second, and noisy)")
     parser.add_argument("--workloads", default="new,keepalive,passthrough",
                         help="comma-separated subset of new,keepalive,passthrough to run")
     parser.add_argument("--script", type=Path, action="append",
