@@ -267,8 +267,18 @@ def test_kill_9_of_a_live_capture_then_both_of_its_outputs_replayed(lab, tmp_pat
     config.write_text(lab.config.read_text() + "bin_seconds: 1\n")
     proc, _log = lab.start_capture("--records", str(live), "--config", str(config))
     sent: list[tuple[int, float]] = []
+
+    def trickle() -> None:
+        """3 s of new flows, and on until the live JSONL holds complete bins (a loaded machine
+        starts the capture late), so the kill finds something in both outputs."""
+        new_flow_trickle(3.0, sent)
+        deadline = time.time() + 20
+        while time.time() < deadline and not any(
+                '"activity"' in path.read_text() for path in live.glob("*.jsonl")):
+            new_flow_trickle(0.5, sent)
+
     try:
-        lab.run_in(lab.phone_ns, lambda: new_flow_trickle(3.0, sent))
+        lab.run_in(lab.phone_ns, trickle)
     finally:
         killed_at = time.time()
         proc.send_signal(signal.SIGKILL)
@@ -314,3 +324,39 @@ def test_analyze_report_export_on_a_full_or_read_only_disk(tmpfs, captures, faul
         one_error_line(observer("export", records, "--format", form, "-o", disk / name), reason)
     pd.testing.assert_frame_equal(conns(records), before)
     assert not [p for p in disk.rglob("*") if p.name.endswith((".tmp", ".partial"))]
+
+
+def test_live_jsonl_on_a_full_disk_keeps_what_was_written_and_says_so(tmpfs):
+    """The proxy's and live capture's JSONL writer queues rows and writes them at each flush: on
+    a full disk the rows already flushed stay readable, the failed batch is counted as lost, the
+    error reaches the caller of ``flush`` and the proxy's next tick, and writing goes on once
+    there is space again."""
+    from observer.records import JsonlWriter, read_jsonl
+    from observer.sources.proxy.store import RecordStore
+
+    disk = tmpfs("256k")
+    store = RecordStore(disk / "proxy", bin_s=10, device_of=lambda ip: "phone", checkpoint_s=60)
+    store.start(T0, "regular")
+    writer = store.writer
+    assert isinstance(writer, JsonlWriter)
+    row = {"conn_id": "proxy-1", "device": "phone", "ts_request": T0, "method": "GET",
+           "scheme": "https", "host": "example.org", "path": "/" + "p" * 200}
+    for _ in range(50):
+        store.write("http", dict(row))
+    writer.flush()
+    fill(disk)
+    for _ in range(2000):
+        store.write("http", dict(row))
+    with pytest.raises(OSError):
+        writer.flush()
+    assert writer.lost == 2000 and writer.error is not None
+    with pytest.raises(OSError, match="records not written"):
+        store.tick(T0 + 1)
+    assert writer.error is None  # reported once
+    (disk / "filler").unlink()
+    store.write("http", dict(row, path="/after"))
+    store.stop(T0 + 2, parquet=False)
+    read = read_jsonl(sorted((disk / "proxy" / "live").glob("*.jsonl")))
+    paths = read.tables["http"]["path"].tolist()
+    assert paths.count(row["path"]) >= 50 and paths[-1] == "/after"
+    assert read.skipped <= 1  # at most the line the full disk cut

@@ -74,7 +74,8 @@ class JsonlWriter:
         self._file = None
         self._day_end = 0.0
         self.error: OSError | None = None
-        self.lost = 0  # rows that could not be written (disk full, read-only)
+        self.lost = 0  # rows of batches that failed (disk full, read-only); a few may be on disk
+        self._cut = False
         self._closed = threading.Event()
         self._flusher = threading.Thread(target=self._flush_loop, name="jsonl-flush", daemon=True)
         self._flusher.start()
@@ -90,6 +91,10 @@ class JsonlWriter:
             n += 1
         self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - kept open for the run
         self._size = path.stat().st_size  # counted, not asked: tell() flushes on every row
+        if self._cut:
+            self._file.write("\n")
+            self._size += 1
+            self._cut = False
         self._day_end = (now // 86_400 + 1) * 86_400  # a new file each UTC day
 
     def write(self, table: str, row: dict[str, Any]) -> None:
@@ -121,7 +126,18 @@ class JsonlWriter:
         except OSError as exc:
             self.lost += len(pending)
             self.error = exc
+            self._discard()
             raise
+
+    def _discard(self) -> None:
+        """Drop the file object after a failed write: its buffer still holds part of the failed
+        batch, which is not written later behind newer rows.  The line the fault may have cut is
+        ended by the next file opened (the reader skips the torn line and the empty one)."""
+        if self._file is not None:
+            with contextlib.suppress(OSError):
+                self._file.close()
+            self._file = None
+        self._cut = True
 
     def flush(self) -> None:
         """Write every queued row to the file (the OS's cache)."""
