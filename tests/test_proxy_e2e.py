@@ -474,10 +474,10 @@ def test_websocket_messages(lab):
     proxy, upstream, _ = lab
     relay = Relay(proxy.port)
     with ws_connect(f"wss://localhost:{upstream.ws_port}/ws", proxy=relay.url,
-                    ssl=client_tls(proxy.mitm_ca), compression=None) as ws:
+                    ssl=client_tls(proxy.mitm_ca), compression=None, open_timeout=30) as ws:
         for size in (5, 50, 300):
             ws.send("m" * size)
-            assert len(ws.recv()) == 2 * size
+            assert len(ws.recv(timeout=30)) == 2 * size  # a lost message fails, never hangs
     (counts,) = relay.finished(1)
     rec = check_counts(proxy, counts)
     assert rec["tls"] == "intercepted"
