@@ -24,7 +24,7 @@ import tempfile
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -176,24 +176,42 @@ def _work(files: list[tuple[int, str, str]], config: LabConfig | None, settings:
         slots.remove()
 
 
+def _decoded(path: str, module: str, config: LabConfig | None,
+             settings: FlowSettings) -> Iterator[tuple[Packets, list, Step] | FileEnd]:
+    """Read and decode one capture file with a fresh decoder (a worker's files are not in a
+    row): each batch with the 802.11 rows it leaves to bin and its Step, then its FileEnd."""
+    decoder = Decoder(tunnel_depth=settings.tunnel_depth, checksums=settings.checksums,
+                      cut_headers=settings.cut_headers)
+    batches = importlib.import_module(module).read(Path(path), config)
+    for batch in batches:
+        count = batch.ts.size
+        step = Step(float(batch.ts.min()) if count else None,
+                    float(batch.ts.max()) if count else None, count)
+        pk = decoder.decode(batch)
+        protected, decoder._protected = decoder._protected, []
+        yield pk, protected, step
+    yield FileEnd(batches.packets, Counter(batches.skipped), batches.error,
+                  Counter(decoder.skipped), Counter(decoder.unsupported), decoder.fragments)
+
+
+def _carry_over(decoder: Decoder, end: FileEnd) -> None:
+    """Take over what decoding a file elsewhere left: its counts, and the IP fragments still
+    waiting for the next file."""
+    decoder.skipped.update(end.decoder_skipped)
+    decoder.unsupported.update(end.unsupported)
+    decoder.fragments = end.fragments
+
+
 def _decode_files(files: list[tuple[int, str, str]], config: LabConfig | None,
                   settings: FlowSettings, out, back, slots: _Slots) -> None:
     for _index, path, module in files:
-        decoder = Decoder(tunnel_depth=settings.tunnel_depth, checksums=settings.checksums,
-                          cut_headers=settings.cut_headers)
         try:
-            batches = importlib.import_module(module).read(Path(path), config)
-            for batch in batches:
-                count = batch.ts.size
-                lo = float(batch.ts.min()) if count else None
-                hi = float(batch.ts.max()) if count else None
-                pk = decoder.decode(batch)
-                protected, decoder._protected = decoder._protected, []  # 802.11 rows to bin
-                slots.put(out, back, pk, protected, lo, hi, count)
-            end = FileEnd(batches.packets, Counter(batches.skipped), batches.error,
-                          Counter(decoder.skipped), Counter(decoder.unsupported),
-                          decoder.fragments)
-            _patiently(slots.parent, out.put, ("end", end))
+            for item in _decoded(path, module, config, settings):
+                if isinstance(item, FileEnd):
+                    _patiently(slots.parent, out.put, ("end", item))
+                else:
+                    pk, protected, step = item
+                    slots.put(out, back, pk, protected, step.lo, step.hi, step.count)
         except ObserverError as exc:
             _patiently(slots.parent, out.put, ("error", str(exc)))
         except _Orphaned:
@@ -289,9 +307,7 @@ class Decoders:
         if message[0] == "error":
             raise ObserverError(message[1])
         end: FileEnd = message[1]
-        decoder.skipped.update(end.decoder_skipped)
-        decoder.unsupported.update(end.unsupported)
-        decoder.fragments = end.fragments
+        _carry_over(decoder, end)
         yield end
 
     def _give_back(self, k: int, slot: int | str) -> None:
@@ -328,22 +344,17 @@ def decode_file(path: str, shown: str, module: str, config: LabConfig | None,
     """A Dask task: read and decode one capture file (a fresh decoder, as a worker process
     starts each file).  ``path`` is absolute (a worker's directory is not ours); messages name
     the file as the user gave it (``shown``).  ``buf`` is copied out of the reader's buffer."""
-    decoder = Decoder(tunnel_depth=settings.tunnel_depth, checksums=settings.checksums,
-                      cut_headers=settings.cut_headers)
     done: list[tuple[Packets, list, Step]] = []
+    end = None
     try:
-        batches = importlib.import_module(module).read(Path(path), config)
-        for batch in batches:
-            count = batch.ts.size
-            step = Step(float(batch.ts.min()) if count else None,
-                        float(batch.ts.max()) if count else None, count)
-            arrays = _compact(decoder.decode(batch))
+        for item in _decoded(path, module, config, settings):
+            if isinstance(item, FileEnd):
+                end = replace(item, error=item.error and item.error.replace(path, shown))
+                continue
+            pk, protected, step = item
+            arrays = _compact(pk)
             arrays["buf"] = arrays["buf"].copy()
-            protected, decoder._protected = decoder._protected, []
             done.append((Packets(**arrays), protected, step))
-        error = batches.error and batches.error.replace(path, shown)
-        end = FileEnd(batches.packets, Counter(batches.skipped), error,
-                      Counter(decoder.skipped), Counter(decoder.unsupported), decoder.fragments)
         return Decoded(done, end, None)
     except ObserverError as exc:
         return Decoded(done, None, str(exc).replace(path, shown))
@@ -414,11 +425,8 @@ class DaskDecoders:
             yield step
         if decoded.error is not None:
             raise ObserverError(decoded.error)
-        end = decoded.end
-        decoder.skipped.update(end.decoder_skipped)
-        decoder.unsupported.update(end.unsupported)
-        decoder.fragments = end.fragments
-        yield end
+        _carry_over(decoder, decoded.end)
+        yield decoded.end
 
     def close(self) -> None:
         """Cancel what is left, and stop a local cluster."""
