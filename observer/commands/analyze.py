@@ -22,7 +22,6 @@ example:
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from observer.commands import add_dask_arguments
@@ -54,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
     from observer.catalog import load_catalog
     from observer.config import LabConfig, load_config
     from observer.records.location import Location
+    from observer.records.parquet import warn_unreadable
 
     if args.simulations < 100:
         raise ObserverError(f"--simulations must be at least 100, not {args.simulations}")
@@ -73,10 +73,7 @@ def run(args: argparse.Namespace) -> int:
     findings = analyze_devices(records, config, load_catalog(config.catalogs),
                                n_sim=args.simulations, seed=args.seed, jobs=args.jobs,
                                dask=args.dask, workers=args.workers, problems=problems)
-    if problems:
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        print(f"warning: {args.records}: skipped {len(problems)} unreadable record file(s): "
-              f"{problems[0]}{more}", file=sys.stderr)
+    warn_unreadable(args.records, problems)
     path = write_findings(findings, args.output or records.place("findings.json"))
     notable = [f for f in findings.findings if f.verdict != "nothing notable"]
     for f in notable:

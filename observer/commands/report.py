@@ -85,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
     from observer.config import LabConfig, load_config
     from observer.records import device_name, partitions, read_records
     from observer.records.location import Location
+    from observer.records.parquet import warn_unreadable
     from observer.report import write_fleet, write_report
     from observer.report.fleet import device_records, devices
 
@@ -119,10 +120,6 @@ def run(args: argparse.Namespace) -> int:
                                 "nothing to report")
         writer = write_fleet if len(devices(whole)) > 1 else write_report
         written = writer(whole, findings, args.out)
-    if problems:
-        unique = list(dict.fromkeys(problems))
-        more = f" (and {len(unique) - 1} more)" if len(unique) > 1 else ""
-        print(f"warning: {args.records}: skipped {len(unique)} unreadable record file(s): "
-              f"{unique[0]}{more}", file=sys.stderr)
+    warn_unreadable(args.records, problems)
     print(written)
     return 0

@@ -349,13 +349,21 @@ def _open(root: Location, problems: list[str]) -> Manifest:
     return manifest
 
 
+def warn_unreadable(root: object, problems: list[str]) -> None:
+    """One warning line for the record files that could not be read, the first of them named
+    (a file met by several reads counts once)."""
+    unique = list(dict.fromkeys(problems))
+    if unique:
+        more = f" (and {len(unique) - 1} more)" if len(unique) > 1 else ""
+        print(f"warning: {root}: skipped {len(unique)} unreadable record file(s): "
+              f"{unique[0]}{more}", file=sys.stderr)
+
+
 def _report(root: Location, problems: list[str], sink: list[str] | None) -> None:
     if sink is not None:
         sink.extend(problems)
-    elif problems:
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        print(f"warning: {root}: skipped {len(problems)} unreadable record file(s): "
-              f"{problems[0]}{more}", file=sys.stderr)
+    else:
+        warn_unreadable(root, problems)
 
 
 def read_table(root: str | Path | Location, table: str, *, devices: list[str] | None = None,
