@@ -67,27 +67,25 @@ class Location:
             return self.root / name
         return self.url.rstrip("/") + "/" + name
 
-    def exists(self) -> bool:
+    def _ask(self, question: str, path: Path | PurePosixPath) -> bool:
+        """``exists`` or ``isdir`` of a path, asked of the local disk or of the store (a store
+        that cannot be reached is one line, not a traceback)."""
         if self.fs is None:
-            return self.root.exists()
+            return path.exists() if question == "exists" else path.is_dir()
         try:
-            return bool(self.fs.exists(str(self.root)))
+            return bool(getattr(self.fs, question)(str(path)))
         except OSError as exc:
             raise ObserverError(f"{self.url}: {exc}") from None
+
+    def exists(self) -> bool:
+        return self._ask("exists", self.root)
 
     def has(self, name: str) -> bool:
         """Whether the directory holds file ``name``."""
-        if self.fs is None:
-            return (self.root / name).exists()
-        return bool(self.fs.exists(str(self.root / name)))
+        return self._ask("exists", self.root / name)
 
     def is_dir(self) -> bool:
-        if self.fs is None:
-            return self.root.is_dir()
-        try:
-            return bool(self.fs.isdir(str(self.root)))
-        except OSError as exc:
-            raise ObserverError(f"{self.url}: {exc}") from None
+        return self._ask("isdir", self.root)
 
     def read_bytes(self, path: Path | PurePosixPath | str) -> bytes:
         """A file's bytes (``path`` absolute, or relative to the directory); FileNotFoundError
