@@ -17,7 +17,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 import pandas as pd
 
-from observer.sources.pcapfile import PAD, Batch, words
+from observer.sources.pcapfile import PAD, Batch, windows, words
 
 LINK_NAMES = {
     0: "BSD loopback (NULL)", 1: "Ethernet", 12: "raw IP", 14: "raw IP", 101: "raw IP",
@@ -89,14 +89,6 @@ def _u32(buf: np.ndarray, off: np.ndarray) -> np.ndarray:
 def _mac(buf: np.ndarray, off: np.ndarray) -> np.ndarray:
     """The 6-byte MAC address at ``off`` as a uint64 (one 8-byte gather, shifted)."""
     return words(buf, ">u8")[off] >> np.uint64(16)
-
-
-def _window(buf: np.ndarray, off: np.ndarray, size: int) -> np.ndarray:
-    """The ``size`` bytes at each offset as the rows of a uint8 array (``size`` <= PAD): one
-    gather for every field of a header, where a gather per field costs several times more.
-    Fields are then columns of ``.view(">u2")`` etc. at offsets that are multiples of their size."""
-    rows = np.ndarray((buf.size - size + 1,), f"V{size}", buf, 0, (1,))[off]
-    return rows.view(np.uint8).reshape(-1, size)
 
 
 
@@ -455,7 +447,7 @@ class Decoder:
         limit = buf.size - PAD
         mac = None
         if lt == 1:  # a frame under 14 bytes is not IP anyway
-            head = _window(buf, d, 16)
+            head = windows(buf, d, 16)
             h16 = head.view(">u2")
             src = (h16[:, 3].astype(np.uint64) << np.uint64(32)) | (
                 h16[:, 4].astype(np.uint64) << np.uint64(16)) | h16[:, 5]
@@ -553,7 +545,7 @@ class Decoder:
         ``depth`` levels), with the input row each came from."""
         n = d.size
         l3c = np.minimum(l3, limit)
-        head = _window(buf, l3c, 40)  # the IPv4 header and the fixed IPv6 header
+        head = windows(buf, l3c, 40)  # the IPv4 header and the fixed IPv6 header
         h16, h32, h64 = head.view(">u2"), head.view(">u4"), head.view(">u8")
         v4 = family == 4
         v6 = ~v4
@@ -602,7 +594,7 @@ class Decoder:
         fragment = transport & ((frag_off > 0) | more)
         first = transport & (frag_off == 0)
         l4c = np.minimum(l4, limit)
-        top = _window(buf, l4c, 14)  # ports, UDP length, TCP data offset and flags
+        top = windows(buf, l4c, 14)  # ports, UDP length, TCP data offset and flags
         t16 = top.view(">u2")
         sport = t16[:, 0].astype(np.int64)
         dport = t16[:, 1].astype(np.int64)
