@@ -469,17 +469,16 @@ class PeriodicityTest:
             return result
         observed = family_scores(times[None, :], self.clock, self.profile)
         null = self.null(n)
-        def beyond(null: FamilyScores) -> bool:
-            return any(np.sum(null.score[f] >= observed.score[f][0] - 1e-12) < 10
-                       for f in FAMILY_WEIGHTS)
+        def reached(null: FamilyScores) -> list[int]:
+            """Null runs scoring at least the observed score, per family."""
+            return [int(np.sum(null.score[f] >= observed.score[f][0] - 1e-12))
+                    for f in FAMILY_WEIGHTS]
 
-        if beyond(null):
+        if min(reached(null)) < 10:
             null = self.null(n, EXTEND)
-        if n <= DEEP_MAX_EVENTS and beyond(null):
+        if n <= DEEP_MAX_EVENTS and min(reached(null)) < 10:
             null = self.null(n, DEEP[0])
-            reached = [np.sum(null.score[f] >= observed.score[f][0] - 1e-12)
-                       for f in FAMILY_WEIGHTS]
-            if any(0 < r < 10 for r in reached):
+            if any(0 < r < 10 for r in reached(null)):
                 null = self.null(n, DEEP[1])
         weighted = {}
         for fam, weight in FAMILY_WEIGHTS.items():
@@ -575,11 +574,7 @@ class PeriodicityTest:
             k = period / divisor
             if abs(k - round(k)) > 1e-6:
                 continue
-            # Where P's on-schedule events sit on the divisor's clock (a 6-hourly job's events
-            # at 00:45 and 06:45, both on P's scan of the quiet night, coincide on a 6 h clock).
-            phase, half = _anchor(wall[fit.inside], divisor)
-            near = self._schedule_near(wall, divisor, phase, half)
-            away = self._schedule_near(wall, divisor, (phase + divisor / 2) % divisor, half)
+            near, away = self._on_divisor(wall, divisor, fit, local=True)
             kept = np.sum(near.inside & fit.inside)
             near_fill = near.occurrences / max(near.expected, 1)
             away_fill = away.occurrences / max(away.expected, 1)
@@ -607,10 +602,7 @@ class PeriodicityTest:
             divisor = period / k
             if divisor < FREE_MIN_S:
                 continue
-            phase, half = _anchor(times[fit.inside], divisor)
-            near = self._schedule_near(times, divisor, phase, half, local=False)
-            away = self._schedule_near(times, divisor, (phase + divisor / 2) % divisor, half,
-                                       local=False)
+            near, away = self._on_divisor(times, divisor, fit, local=False)
             kept = int(np.sum(near.inside & fit.inside))
             gained = int(np.sum(near.inside & ~fit.inside))
             if (kept >= DIVISOR_KEEP * fit.inside.sum()
@@ -619,6 +611,17 @@ class PeriodicityTest:
                     and near.occurrences**2 / max(near.expected, 1) >= score):
                 return divisor, near
         return period, fit
+
+    def _on_divisor(self, wall: np.ndarray, divisor: float, fit: Schedule,
+                    local: bool) -> tuple[Schedule, Schedule]:
+        """The schedule where ``fit``'s on-schedule events sit on the divisor's clock (a 6-hourly
+        job's events at 00:45 and 06:45, both on a 24 h scan of the quiet night, coincide on a
+        6 h clock), and the same window half a divisor away (what chance alone puts there)."""
+        phase, half = _anchor(wall[fit.inside], divisor)
+        near = self._schedule_near(wall, divisor, phase, half, local=local)
+        away = self._schedule_near(wall, divisor, (phase + divisor / 2) % divisor, half,
+                                   local=local)
+        return near, away
 
     def _schedule_near(self, wall: np.ndarray, period: float, phase_s: float,
                        half_s: float, local: bool = True) -> Schedule:
