@@ -21,7 +21,7 @@ from observer import ObserverError
 from observer.analysis.findings import Analysis, DevicePart
 from observer.catalog import Catalog
 from observer.config import LabConfig
-from observer.records import device_name, partitions, read_table
+from observer.records import partition_devices, read_table
 from observer.records.findings import Findings, records_stamp
 from observer.records.location import Location
 
@@ -31,10 +31,7 @@ LOCAL = "local"  # --dask without an address: a LocalCluster on this machine
 
 def record_devices(root: str | Path | Location) -> list[str]:
     """The devices a records directory holds, from its partition directories (no reads)."""
-    names: set[str] = set()
-    for table in ("connections", "activity"):
-        names.update(device_name(p.parent.name) for p in partitions(root, table))
-    return sorted(names)
+    return partition_devices(root, "connections", "activity")
 
 
 @dataclass(frozen=True)

@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     from observer.analysis.scale import analyze_devices
     from observer.catalog import load_catalog
     from observer.config import LabConfig, load_config
-    from observer.records import device_name, partitions, read_records
+    from observer.records import partition_devices, read_records
     from observer.records.location import Location
     from observer.records.parquet import warn_unreadable
     from observer.report import write_fleet, write_report
@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
         raise ObserverError(f"records directory {args.records} does not exist")
     config = load_config(args.config) if args.config else LabConfig()
     stamp = records_stamp(records)
-    owners = {device_name(p.parent.name) for p in partitions(records, "connections")}
+    owners = partition_devices(records, "connections")
     if not owners:
         raise ObserverError(f"{args.records}: no connection records, nothing to report "
                             "(run observer replay, capture or proxy first)")

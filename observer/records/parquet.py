@@ -305,6 +305,12 @@ def partitions(root: str | Path | Location, table: str) -> list[Path]:
     return sorted({p.parent for p in part_files(where, table) if manifest.visible(table, p.name)})
 
 
+def partition_devices(root: str | Path | Location, *tables: str) -> list[str]:
+    """The devices whose partitions hold records of any of ``tables``, sorted (directory
+    names only, no reads)."""
+    return sorted({device_name(p.parent.name) for table in tables for p in partitions(root, table)})
+
+
 def _read(root: Location, table: str, devices: list[str] | None, manifest: Manifest,
           problems: list[str]) -> pd.DataFrame:
     if table not in TABLES:

@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from observer import ObserverError, __version__, words
-from observer.records import TABLES, device_name, partitions, read_table
+from observer.records import TABLES, partition_devices, read_table
 from observer.records.findings import Finding, Findings
 from observer.records.location import Location
 from observer.report.text import clip
@@ -57,7 +57,7 @@ def device_records(root: str | Path | Location,
     root = Location.of(root)
     shared = {table: read_table(root, table, problems=problems)
               for table, columns in TABLES.items() if "device" not in columns}
-    for device in sorted({device_name(p.parent.name) for p in partitions(root, "connections")}):
+    for device in partition_devices(root, "connections"):
         yield {table: shared[table] if table in shared else read_table(
                    root, table, devices=[device, "unknown"] if table == "sessions" else [device],
                    problems=problems)
