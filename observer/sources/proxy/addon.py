@@ -105,9 +105,9 @@ def pinned_after_handshake(rec: ConnRecord, window_s: float) -> str | None:
     None.  Pinning libraries check the certificate once the handshake completes and then close
     at once, or send an alert, without a request; an idle (pre-opened) connection sends nothing
     either, but is closed later, when the client gives up on it."""
-    if rec.tls != "intercepted" or rec.used or rec.up_at_handshake is None:
+    if rec.tls != "intercepted" or rec.spoke or rec.up_at_handshake is None:
         return None
-    if rec.counter is None or rec.traffic.requests:  # uncounted: no way to tell; or it was used
+    if rec.counter is None:  # its bytes were not counted: no way to tell
         return None
     if rec.alert is not None:
         return f"client alert after handshake: {rec.alert}"
@@ -551,8 +551,7 @@ class Telemetry(Recorder):
 def note_alert(rec: ConnRecord, _conn: Any, where: int, ret: int) -> None:
     """OpenSSL info callback of an intercepted client connection: keep the first alert the
     client sent after the handshake (mitmproxy only logs it)."""
-    if (where & SSL_CB_READ_ALERT == SSL_CB_READ_ALERT and rec.alert is None and not rec.used
-            and not rec.traffic.requests):
+    if where & SSL_CB_READ_ALERT == SSL_CB_READ_ALERT and rec.alert is None and not rec.spoke:
         code = ret & 0xFF
         if code:  # close_notify is a normal close, told apart by timing instead
             rec.alert = ALERTS.get(code, f"alert {code}")

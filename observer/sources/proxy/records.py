@@ -59,6 +59,12 @@ class ConnRecord:
     alert: str | None = None
     counter: Any = None  # the counting layer, to release its socket at the end
 
+    @property
+    def spoke(self) -> bool:
+        """Whether the client sent a request or TCP data after its handshake (then a close is
+        not a certificate rejection)."""
+        return self.used or self.traffic.requests > 0
+
     def name(self, name: str | None, source: str) -> None:
         """Adopt ``name`` unless a better-ranked source already named the server."""
         if name and NAME_RANK[source] > NAME_RANK[self.name_source]:
