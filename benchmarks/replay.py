@@ -62,7 +62,9 @@ OURS = """
 import json, sys, time
 from pathlib import Path
 from observer.sources import replay
+from observer.sources.pipeline import tune_process
 start = time.process_time()
+tune_process()  # as `observer replay` does
 stats = replay([Path(sys.argv[1])], Path(sys.argv[2]), overwrite=True, progress=False)
 print(json.dumps({"packets": stats.packets, "connections": stats.connections,
                   "errors": stats.errors, "inner": time.process_time() - start}))

@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     from observer.config import load_config
     from observer.records import RecordRun
     from observer.records.manifest import Manifest, plan_sources
-    from observer.sources.pipeline import _expand, replay
+    from observer.sources.pipeline import _expand, replay, tune_process
     from observer.sources.workers import default_jobs
 
     if any(n is not None and n < 1 for n in (args.jobs, args.workers)):
@@ -92,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"error: {error}", file=sys.stderr)
         print("nothing new to replay; the records are unchanged")
         return 1 if errors else 0
+    tune_process()
     try:
         with RecordRun(args.output, overwrite=args.overwrite, replace_runs=plan.replace_runs,
                        command="replay") as records:

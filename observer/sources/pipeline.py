@@ -37,9 +37,10 @@ if TYPE_CHECKING:
     from observer.config import LabConfig
 
 
-def _tune_process() -> None:
-    """Two process settings that cost a replay CPU time for nothing (docs/performance.md); set
-    when a replay starts, not at import, so a process that only imports this module keeps its own.
+def tune_process() -> None:
+    """Two process settings that cost a replay CPU time for nothing (docs/performance.md).  For
+    a process that runs a replay and exits (``observer replay`` sets them), not for a library
+    call: they last as long as the process, and frozen objects are never collected.
 
     What numpy, pandas and pyarrow leave at import lives as long as the process: keep it out of
     the cyclic collector, whose passes over it at interpreter exit cost ~0.07 CPU-s.  glibc gives
@@ -328,7 +329,6 @@ def replay(paths: list[Path], out_dir: Path, *, config: LabConfig | None = None,
         with RecordRun(out_dir, overwrite=overwrite, command="replay") as own:
             return replay(paths, out_dir, config=config, progress=progress,
                           udp_idle_s=udp_idle_s, bin_s=bin_s, run=own, jobs=jobs, dask=dask)
-    _tune_process()
     rows: dict[str, int] = {}
     pool = pa.default_memory_pool()
 
