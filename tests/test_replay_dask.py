@@ -5,22 +5,20 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
-from test_replay import files_across_boundaries, only, tcp_conv, write
+from test_replay import (
+    TABLE_KEYS,
+    files_across_boundaries,
+    only,
+    sorted_table,
+    tcp_conv,
+    write,
+)
 
 from observer.cli import main
 from observer.records import read_table
 from observer.sources.pipeline import ReplayStats, replay_tables
 
 pytest.importorskip("distributed")
-
-TABLE_KEYS = {"connections": ["conn_id"], "activity": ["conn_id", "ts_bin"],
-              "dns": ["ts", "client_ip", "query", "answer"], "sessions": ["session_id"]}
-
-
-def sorted_table(records, name: str) -> pd.DataFrame:
-    frame = read_table(records, name)
-    return frame.sort_values(TABLE_KEYS[name], ignore_index=True)[sorted(frame.columns)]
-
 
 def test_dask_replay_of_a_rotated_capture_gives_the_same_records(tmp_path, capsys):
     from observer.simulate import load_scenario, simulate
